@@ -1,0 +1,36 @@
+# The two commands: `make reproduce` and `make test`. Both create .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OUT     ?= results
+
+.PHONY: reproduce test test-all bench bench-quick figures clean-venv
+
+$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m fedlora.bench --out $(OUT)/bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m fedlora.bench --quick --out $(OUT)/bench
+
+reproduce: $(STAMP)
+	$(BIN)/python -m fedlora.reproduce --out $(OUT)
+
+clean-venv:
+	rm -rf $(VENV)

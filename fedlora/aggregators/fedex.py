@@ -1,0 +1,50 @@
+"""FedEx-LoRA: FedAvg of the factors plus the averaging residual folded into the frozen weight
+(Singhal et al., 2024, arXiv:2410.09432)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+import torch
+
+from ..factors import ClientUpdate, GlobalMatrix, LoRAFactors, LowRank
+from ..linalg import compress, weighted_sum
+from .registry import Aggregated, RoundContext, Rule, register
+
+
+def fedex_residual(updates: Sequence[ClientUpdate], p: Tensor, scale: float, A_bar: Tensor, B_bar: Tensor,
+                   *, recompress: bool = True) -> LowRank:
+    """``R = s (Σ p_k B_k A_k − B̄ Ā) = s Σ p_k (B_k − B̄)(A_k − Ā)``, kept factored.
+
+    ``U = [s p_1 (B_1 − B̄) … s p_K (B_K − B̄)]`` (m × Kr), ``V = [A_1 − Ā; …; A_K − Ā]`` (Kr × n), so
+    rank ≤ K r. With ``recompress`` it is re-factored by QR + SVD at its numerical rank (exact to
+    float tolerance). Call ``.dense()`` on the result to materialise the m × n residual.
+    """
+    U = torch.cat([(u.B - B_bar) * (scale * float(pk)) for u, pk in zip(updates, p)], dim=1)  # (m, K r)
+    V = torch.cat([u.A - A_bar for u in updates], dim=0)  # (K r, n)
+    if recompress:
+        U, V = compress(U, V)
+    return LowRank(U=U, V=V)
+
+
+def fedex(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: RoundContext) -> Aggregated:
+    """``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k``, ``W0 ← W0 + s (Σ p_k B_k A_k − B̄ Ā)``: exact.
+
+    The frozen-weight correction accumulates in ``state.base`` (factored, re-compressed); the
+    broadcast carries this round's residual factors, never a dense m × n matrix.
+    """
+    s = state.lora.scale
+    A = weighted_sum([u.A for u in updates], p)  # (r, n)
+    B = weighted_sum([u.B for u in updates], p)  # (m, r)
+    R = fedex_residual(updates, p, s, A, B)
+    if state.base is None:
+        base = R
+    else:
+        acc = state.base + R  # exact concatenation, then back to its numerical rank
+        base = LowRank(*compress(acc.U, acc.V))
+    new = state.replace(lora=LoRAFactors(A=A, B=B, scale=s), base=base)
+    return Aggregated(state=new, broadcast={"A": A, "B": B, "residual_U": R.U, "residual_V": R.V})
+
+
+register(Rule(name="fedex", aggregate=fedex, trains=lambda t: "AB", exact=True,
+              paper="Singhal et al. 2024, FedEx-LoRA (arXiv:2410.09432)"))

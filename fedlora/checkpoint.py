@@ -1,0 +1,88 @@
+"""Checkpoints as safetensors (tensors) + JSON (everything else), written atomically.
+
+Client updates and checkpoints are untrusted data: no pickle anywhere. A checkpoint is committed
+when ``checkpoint.json`` is renamed into place; it names the tensor file it belongs to.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from safetensors.torch import load_file, save_file
+
+from .factors import GlobalMatrix, LoRAFactors, LowRank
+
+__all__ = ["save_checkpoint", "load_checkpoint", "state_to_tensors", "state_from_tensors", "atomic_write_json"]
+
+_SEP = "::"
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def state_to_tensors(state: Mapping[str, GlobalMatrix]) -> tuple[dict, dict]:
+    """Flatten a model state into ``{name::part: tensor}`` plus JSON metadata (scales, parts)."""
+    tensors, meta = {}, {}
+    for name, g in state.items():
+        if _SEP in name:
+            raise ValueError(f"matrix name {name!r} contains {_SEP!r}; rename it")
+        m: dict[str, Any] = {}
+        if g.lora is not None:
+            tensors[f"{name}{_SEP}lora.A"] = g.lora.A.contiguous()
+            tensors[f"{name}{_SEP}lora.B"] = g.lora.B.contiguous()
+            m["scale"] = g.lora.scale
+        if g.base is not None:
+            tensors[f"{name}{_SEP}base.U"] = g.base.U.contiguous()
+            tensors[f"{name}{_SEP}base.V"] = g.base.V.contiguous()
+        if g.W is not None:
+            tensors[f"{name}{_SEP}W"] = g.W.contiguous()
+        meta[name] = m
+    return tensors, meta
+
+
+def state_from_tensors(tensors: Mapping, meta: Mapping) -> dict[str, GlobalMatrix]:
+    out = {}
+    for name, m in meta.items():
+        t = lambda part: tensors.get(f"{name}{_SEP}{part}")  # noqa: E731
+        lora = LoRAFactors(A=t("lora.A"), B=t("lora.B"), scale=m["scale"]) if t("lora.A") is not None else None
+        base = LowRank(U=t("base.U"), V=t("base.V")) if t("base.U") is not None else None
+        out[name] = GlobalMatrix(lora=lora, base=base, W=t("W"))
+    return out
+
+
+def save_checkpoint(directory: Path, *, state: Mapping[str, GlobalMatrix], round_done: int,
+                    info: Mapping[str, Any]) -> Path:
+    """Write the state after round ``round_done`` (0-based) and ``info`` (history, config, seeds)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, meta = state_to_tensors(state)
+    fname = f"state_round{round_done:06d}.safetensors"
+    tmp = directory / (fname + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / fname)
+    atomic_write_json(directory / "checkpoint.json",
+                      {"round_done": round_done, "tensors": fname, "matrices": meta, **info})
+    for old in directory.glob("state_round*.safetensors"):  # the JSON rename above committed the new one
+        if old.name != fname:
+            old.unlink(missing_ok=True)
+    return directory / "checkpoint.json"
+
+
+def load_checkpoint(directory: Path) -> Optional[tuple[dict[str, GlobalMatrix], dict]]:
+    """Return ``(state, info)`` from the last committed checkpoint, or ``None`` if there is none."""
+    path = Path(directory) / "checkpoint.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        info = json.load(f)
+    tensors = load_file(str(Path(directory) / info["tensors"]))
+    return state_from_tensors(tensors, info["matrices"]), info
