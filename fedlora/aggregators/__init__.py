@@ -18,7 +18,7 @@ def aggregate(rule: Rule | str, state: GlobalMatrix, updates: Sequence[ClientUpd
     """Validate the round's updates and weights, then apply ``rule``. Raises ``UpdateError`` (and
     changes nothing) on NaN/Inf, wrong shapes or ranks, empty rounds, negative or all-zero weights."""
     rule = get_rule(rule) if isinstance(rule, str) else rule
-    p = normalize_weights(weights, len(updates), client_ids=client_ids)
     validate_updates(state, updates, rule.trains(ctx.round), per_client_rank=rule.per_client_rank,
                      client_ids=client_ids, name=name)
+    p = normalize_weights(weights, len(updates), client_ids=client_ids)
     return rule.aggregate(state, updates, p, ctx)

@@ -33,9 +33,13 @@ def flora_view(state: GlobalMatrix, *, rank: Optional[int], scale: Optional[floa
     if rank is None or scale is None:
         raise ValueError("flora needs each client's rank and scale to start a fresh adapter")
     m, n = state.shape
-    dt = state.base.U.dtype if state.base is not None else torch.float32
+    base = state.base
+    if state.lora is not None:  # an adapter still on the global is part of the frozen weight from now on
+        merged = LowRank(U=state.lora.B * state.lora.scale, V=state.lora.A)
+        base = merged if base is None else base + merged
+    dt = base.U.dtype if base is not None else torch.float32
     g = torch.Generator().manual_seed(seed)
-    return state.replace(lora=init_lora(m, n, rank, scale=scale, generator=g, dtype=dt))
+    return state.replace(lora=init_lora(m, n, rank, scale=scale, generator=g, dtype=dt), base=base)
 
 
 register(Rule(name="flora", aggregate=flora, trains=lambda t: "AB", exact=True, per_client_rank=True,
