@@ -21,9 +21,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def weighted_sum(tensors: Sequence[Tensor], p: Tensor) -> Tensor:
     """``Σ_k p_k T_k`` reading every input once (no stacked copy); inputs are not modified."""
-    out = tensors[0] * p[0].to(tensors[0].dtype)
+    pf = p.tolist()  # python floats: no tiny tensor ops per client
+    out = torch.mul(tensors[0], pf[0])
     for k in range(1, len(tensors)):
-        out.add_(tensors[k], alpha=float(p[k]))
+        out.add_(tensors[k], alpha=pf[k])
     return out
 
 
