@@ -1,0 +1,127 @@
+"""Sweeps: a learning-rate grid tuned the same way for every method, then the evaluation seeds.
+
+For every (local work, client setting, method) cell: run each lr of the grid once on the tuning seed,
+keep the lr with the best final *validation* accuracy (held out of the training set; the test set is
+never used to choose), then run every evaluation seed at that lr. One JSON per run; a run whose JSON
+exists is skipped, so an interrupted sweep resumes by re-running the same command.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from .config import CENTRALISED, ToyConfig
+from .data import Mnist
+from .run import run, run_filename
+
+__all__ = ["Sweep", "PRESETS", "run_sweep", "MAIN_METHODS"]
+
+MAIN_METHODS = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
+
+
+@dataclass(frozen=True)
+class Work:
+    """Local work per round and the rounds it is given (heavier local work gets fewer rounds)."""
+
+    local_steps: int = 20
+    local_epochs: int = 0
+    rounds: int = 100
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    methods: tuple[str, ...] = MAIN_METHODS
+    settings: tuple[tuple[int, int], ...] = ((10, 1), (5, 2))  # (clients, labels per client)
+    works: tuple[Work, ...] = (Work(20, 0, 100), Work(0, 1, 50), Work(0, 5, 20))
+    ranks: tuple[int, ...] = (8,)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    tune_seed: int = 100  # never one of the evaluation seeds
+    centralised: bool = True
+    base: dict = dataclasses.field(default_factory=dict)  # extra ToyConfig fields for every run
+
+    def cells(self):
+        """(work, setting or None for centralised, method, rank) in the order they run."""
+        for rank in self.ranks:
+            for work in self.works:
+                if self.centralised:
+                    yield work, None, CENTRALISED, rank
+                for setting in self.settings:
+                    for method in self.methods:
+                        yield work, setting, method, rank
+
+
+PRESETS = {
+    # The main table: 3 local-work settings × 8 rules × 2 label-skew settings (+ centralised), 5 seeds.
+    "main": Sweep(name="main"),
+    # Accuracy vs rank at the cheapest local work, 10 × 1 label only, 3 seeds. It starts at rank 2:
+    # at rank 1 the bias-free toy can only predict two classes (see model.py).
+    "rank": Sweep(name="rank", methods=("fedavg", "ffa", "rolora", "flexlora"), settings=((10, 1),),
+                  works=(Work(20, 0, 100),), ranks=(2, 4, 8, 16), seeds=(0, 1, 2), lr_grid=(0.03, 0.1, 0.3)),
+    # `make reproduce`: minutes, not hours. Same code path, fewer rounds/seeds/methods, smaller grid.
+    "quick": Sweep(name="quick", methods=("fedavg", "ffa", "rolora", "fedex", "flora", "full"), settings=((10, 1),),
+                   works=(Work(20, 0, 30),), ranks=(8,), seeds=(0, 1), lr_grid=(0.03, 0.1), tune_seed=100),
+}
+
+
+def _cfg(sweep: Sweep, work: Work, setting, method: str, rank: int, *, lr: float, seed: int) -> ToyConfig:
+    clients, lpc = setting if setting is not None else (10, 1)  # centralised: budget of 10 clients
+    return ToyConfig(method=method, partition="labels", clients=clients, labels_per_client=lpc, rank=rank,
+                     rounds=work.rounds, local_steps=work.local_steps, local_epochs=work.local_epochs,
+                     lr=lr, seed=seed, **sweep.base)
+
+
+def _cell_dir(out: Path, sweep: Sweep, cfg: ToyConfig) -> Path:
+    setting = cfg.setting.replace(" ", "_")
+    return out / "mnist_toy" / sweep.name / setting / cfg.local_work.replace(" ", "")
+
+
+def _run_or_load(cfg: ToyConfig, path: Path, data: Mnist, extra: dict) -> dict:
+    if path.exists():
+        with open(path) as f:
+            rec = json.load(f)
+        if rec.get("complete"):
+            return rec
+    return run(cfg, data=data, out=path, progress=False, extra=extra)
+
+
+def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int, ...]] = None,
+              methods: Optional[tuple[str, ...]] = None, dry_run: bool = False) -> list[dict]:
+    """Tune and run every cell; returns a summary row per cell (best lr, final test accuracies)."""
+    seeds = seeds or sweep.seeds
+    cells = [c for c in sweep.cells() if methods is None or c[2] in methods]
+    summary, t0 = [], time.perf_counter()
+    bar = tqdm(cells, desc=f"sweep {sweep.name}")
+    for work, setting, method, rank in bar:
+        probe = _cfg(sweep, work, setting, method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seed)
+        cell = _cell_dir(out, sweep, probe)
+        bar.set_postfix_str(f"{probe.setting} {probe.local_work} {method} r{rank}")
+        if dry_run:
+            print(cell / method)
+            continue
+        tuned = {}
+        for lr in sweep.lr_grid:
+            cfg = dataclasses.replace(probe, lr=lr)
+            rec = _run_or_load(cfg, cell / "tune" / run_filename(cfg), data,
+                               {"sweep": sweep.name, "role": "tune"})
+            tuned[lr] = rec["final_val_accuracy"] if rec["final_val_accuracy"] is not None else -1.0
+        best = max(sweep.lr_grid, key=lambda lr: (tuned[lr], -lr))  # ties: the smaller lr
+        accs = []
+        for seed in seeds:
+            cfg = dataclasses.replace(probe, lr=best, seed=seed)
+            rec = _run_or_load(cfg, cell / run_filename(cfg), data,
+                               {"sweep": sweep.name, "role": "eval", "lr_grid": list(sweep.lr_grid),
+                                "tune_seed": sweep.tune_seed, "tune_val_accuracy": {str(k): v for k, v in tuned.items()}})
+            accs.append(rec["final_test_accuracy"])
+        summary.append({"setting": probe.setting, "local_work": probe.local_work, "method": method, "rank": rank,
+                        "lr": best, "final_test_accuracy": accs})
+        tqdm.write(f"{probe.setting:>14} {probe.local_work:>9} r{rank:<2} {method:>12} lr={best:<5g} "
+                   f"test acc {sum(accs) / len(accs):.4f} ({len(accs)} seeds)  [{time.perf_counter() - t0:.0f}s]")
+    return summary
