@@ -7,8 +7,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,25 +15,18 @@ from typing import Optional, Sequence
 import numpy
 import torch
 
+from fedlora.provenance import provenance as core_provenance
+
 from .analyses import FULL, NAMES, QUICK, run_all
 
 __all__ = ["main", "provenance", "format_table"]
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def provenance(argv: Sequence[str], settings, seed: int) -> dict:
-    return {"command": " ".join([sys.executable, "-m", "linear_theory", *argv]), "seed": seed,
-            "settings": dataclasses.asdict(settings), "git_commit": _git_commit(),
-            "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-            "machine": platform.platform(), "threads": torch.get_num_threads(), "dtype": "float64"}
+    """The core's provenance (git commit, package versions, machine) plus this run's command and settings."""
+    return {**core_provenance(), "command": " ".join(["python", "-m", "linear_theory", *argv]), "seed": seed,
+            "settings": dataclasses.asdict(settings), "torch": torch.__version__, "numpy": numpy.__version__,
+            "dtype": "float64"}
 
 
 def _fmt(x) -> str:
