@@ -152,6 +152,8 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
 
 
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
+    """Per sweep: accuracy vs round and vs bytes for each client setting (at the sweep's main rank) and a
+    markdown table. Accuracy vs rank pools every sweep's runs of one (setting, local work, rounds)."""
     runs = load_runs(Path(results_dir))
     if not runs:
         return []
@@ -161,15 +163,25 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     for (sweep,), group in sorted(_groups(runs, "sweep").items(), key=lambda kv: str(kv[0])):
         name = sweep or "runs"
         ranks = {r["rank"] for r in group}
-        if len(ranks) > 1:
-            written += _save(plot_accuracy_vs_rank(group), out_dir, f"mnist_{name}_accuracy_vs_rank")
         main_rank = max(ranks, key=lambda k: sum(r["rank"] == k for r in group))
         at_rank = [r for r in group if r["rank"] == main_rank]
-        for setting in sorted({r["setting"] for r in at_rank} - {"centralised"}):
-            slug = setting.replace(" ", "_")
-            written += _save(plot_accuracy_vs_round(at_rank, setting), out_dir, f"mnist_{name}_accuracy_vs_round_{slug}")
-            written += _save(plot_accuracy_vs_bytes(at_rank, setting), out_dir, f"mnist_{name}_accuracy_vs_bytes_{slug}")
+        if name != "rank":
+            for setting in sorted({r["setting"] for r in at_rank} - {"centralised"}):
+                slug = setting.replace(" ", "_")
+                written += _save(plot_accuracy_vs_round(at_rank, setting), out_dir,
+                                 f"mnist_{name}_accuracy_vs_round_{slug}")
+                written += _save(plot_accuracy_vs_bytes(at_rank, setting), out_dir,
+                                 f"mnist_{name}_accuracy_vs_bytes_{slug}")
         table = out_dir / f"mnist_{name}_table.md"
         table.write_text(summary_table(group))
         written.append(table)
+    for (setting, work, rounds), group in _groups(
+            [dict(r, n_rounds=r["config"]["rounds"]) for r in runs], "setting", "local_work", "n_rounds").items():
+        if setting == "centralised":
+            continue
+        by_method = _groups(group, "method")
+        multi = [r for (m,), g in by_method.items() if len({x["rank"] for x in g}) > 1 for r in g]
+        if multi:
+            slug = f"{setting}_{work}".replace(" ", "_")
+            written += _save(plot_accuracy_vs_rank(multi), out_dir, f"mnist_accuracy_vs_rank_{slug}")
     return written

@@ -221,5 +221,5 @@ def test_sweep_and_figures(mnist, tmp_path):
     assert len(list((tmp_path / "mnist_toy").rglob("*.json"))) == n_json
     written = make_all(tmp_path, tmp_path / "fig")
     names = {p.name for p in written}
-    assert "mnist_t_accuracy_vs_rank.png" in names and "mnist_t_accuracy_vs_round_10x1_labels.pdf" in names
+    assert "mnist_accuracy_vs_rank_10x1_labels_2_steps.png" in names and "mnist_t_accuracy_vs_round_10x1_labels.pdf" in names
     assert "mnist_t_accuracy_vs_bytes_10x1_labels.png" in names
