@@ -46,11 +46,15 @@ def format_table(records: Sequence[dict]) -> str:
         inst = []
         for key in ("method", "c", "h", "tau", "samples"):
             v = r.get(key)
-            if v is not None and not (key == "h" and isinstance(v, list)):
-                inst.append(f"{key}={_fmt(v)}")
+            if isinstance(v, list):
+                v = f"{_fmt(v[0])}…{_fmt(v[-1])}" if key != "h" else None
+            elif v is not None:
+                v = _fmt(v)
+            if v is not None:
+                inst.append(f"{'N' if key == 'samples' else key}={v}")
         rows.append((r["name"], " ".join(inst), _fmt(r["predicted"]), _fmt(r["measured"]),
-                     f"{_fmt(r['tolerance'])} {r['tolerance_kind'].split(' (')[0]}", "PASS" if r["passed"] else "FAIL"))
-    widths = [min(max(len(row[i]) for row in rows), 44) for i in range(len(rows[0]))]
+                     f"{_fmt(r['tolerance'])} {r['tolerance_kind'].split(' (')[0].split(' to ')[0]}", "PASS" if r["passed"] else "FAIL"))
+    widths = [min(max(len(row[i]) for row in rows), 30) for i in range(len(rows[0]))]
     lines = ["  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
