@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     here = Path(__file__).resolve().parent.parent / "tests" / "bench_aggregation.py"
     cmd = [sys.executable, "-m", "pytest", str(here), "-m", "bench", "-q", "-p", "no:cacheprovider",
            f"--benchmark-json={raw}", "--benchmark-disable-gc", "--benchmark-columns=median,rounds",
-           "--benchmark-min-rounds=3"]
+           "--benchmark-min-rounds=5", "--benchmark-max-time=" + ("0.02" if args.quick else "0.2")]
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
         return rc

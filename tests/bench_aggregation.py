@@ -20,5 +20,7 @@ def test_aggregation(benchmark, case):
     benchmark.extra_info.update(info)
     if case.kind == "reference" and case.m * case.n > 1024 * 1024:  # seconds to a minute a call: time it once
         benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
-    else:
+    elif case.kind == "reference" or case.m * case.n * case.clients > 50 * 4096 * 11008 // 10:
         benchmark.pedantic(fn, rounds=5 if QUICK else 7, iterations=1, warmup_rounds=1)
+    else:  # microseconds: let pytest-benchmark calibrate iterations per round so the timer is not the result
+        benchmark(fn)

@@ -45,7 +45,10 @@ def test_fedex_factored_equals_dense_residual(m, n, r, K, seed):
     R_fast = fast.broadcast["residual_U"] @ fast.broadcast["residual_V"]
     assert R_fast.shape == (m, n)  # never transposed: (m, n) like nn.Linear.weight
     assert _rel(R_fast, ref.broadcast["residual"]) < 1e-9 or float(ref.broadcast["residual"].abs().max()) < 1e-12
-    assert fast.broadcast["residual_U"].shape[1] <= min(K * r, m, n)  # rank <= K r
+    q = fast.broadcast["residual_U"].shape[1]
+    assert q <= K * r  # rank <= K r, by the cross-covariance form
+    if K * r <= min(m, n) // 4:  # recompressed: at most the numerical rank
+        assert q <= min(K * r, m, n)
 
 
 def test_fedex_residual_can_be_materialised_densely():
@@ -54,10 +57,24 @@ def test_fedex_residual_can_be_materialised_densely():
     A = sum(float(pk) * u.A for u, pk in zip(case.updates, p))
     B = sum(float(pk) * u.B for u, pk in zip(case.updates, p))
     R = fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=False)
+    assert fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=True).rank == 3  # = min(m, n)
+
     assert R.rank == 3 * 2
     dense = R.dense()
     expected = case.state.lora.scale * (sum(float(pk) * (u.B @ u.A) for u, pk in zip(case.updates, p)) - B @ A)
     assert _rel(dense, expected) < 1e-12
+
+
+def test_fedex_residual_rank_is_at_most_k_minus_one_times_r():
+    # Σ p_k (A_k − Ā) = 0, so the K deviation blocks are dependent: rank ≤ (K − 1) r, and recompression finds it
+    case = make_case("fedex", m=20, n=15, r=2, K=3, seed=0)
+    p = case.weights / case.weights.sum()
+    A = sum(float(pk) * u.A for u, pk in zip(case.updates, p))
+    B = sum(float(pk) * u.B for u, pk in zip(case.updates, p))
+    raw = fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=False)
+    small = fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=True)
+    assert raw.rank == 6 and small.rank == 4
+    assert _rel(small.dense(), raw.dense()) < 1e-12
 
 
 def test_factored_svd_matches_dense_svd_on_a_tall_product():

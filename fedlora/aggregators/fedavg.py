@@ -19,7 +19,7 @@ def fedavg(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx:
     A = weighted_sum([u.A for u in updates], p)  # (r, n)
     B = weighted_sum([u.B for u in updates], p)  # (m, r)
     lora = LoRAFactors(A=A, B=B, scale=state.lora.scale)
-    return Aggregated(state=state.replace(lora=lora), broadcast={"A": A, "B": B})
+    return Aggregated(state=GlobalMatrix(lora=lora, base=state.base, W=state.W), broadcast={"A": A, "B": B})
 
 
 register(Rule(name="fedavg", aggregate=fedavg, trains=lambda t: "AB", exact=False,

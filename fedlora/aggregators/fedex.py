@@ -2,7 +2,7 @@
 (Singhal et al., 2024, arXiv:2410.09432)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor
 import torch
@@ -13,15 +13,19 @@ from .registry import Aggregated, RoundContext, Rule, register
 
 
 def fedex_residual(updates: Sequence[ClientUpdate], p: Tensor, scale: float, A_bar: Tensor, B_bar: Tensor,
-                   *, recompress: bool = True) -> LowRank:
+                   *, recompress: Optional[bool] = None) -> LowRank:
     """``R = s (Σ p_k B_k A_k − B̄ Ā) = s Σ p_k (B_k − B̄)(A_k − Ā)``, kept factored.
 
     ``U = [s p_1 (B_1 − B̄) … s p_K (B_K − B̄)]`` (m × Kr), ``V = [A_1 − Ā; …; A_K − Ā]`` (Kr × n), so
-    rank ≤ K r. With ``recompress`` it is re-factored by QR + SVD at its numerical rank (exact to
-    float tolerance). Call ``.dense()`` on the result to materialise the m × n residual.
+    rank ≤ K r (in fact ≤ (K − 1) r, since Σ p_k (A_k − Ā) = 0). With ``recompress``
+    it is re-factored by QR + SVD at its numerical rank (exact to float tolerance). By default that is done when K r ≤ min(m, n) / 4: above it the SVD of the
+    (K r)² core costs as much as the dense path and random clients leave nothing to drop.
+    Call ``.dense()`` on the result to materialise the m × n residual.
     """
     U = torch.cat([(u.B - B_bar) * (scale * float(pk)) for u, pk in zip(updates, p)], dim=1)  # (m, K r)
     V = torch.cat([u.A - A_bar for u in updates], dim=0)  # (K r, n)
+    if recompress is None:
+        recompress = U.shape[1] <= min(U.shape[0], V.shape[1]) // 4
     if recompress:
         U, V = compress(U, V)
     return LowRank(U=U, V=V)
@@ -42,7 +46,7 @@ def fedex(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: 
     else:
         acc = state.base + R  # exact concatenation, then back to its numerical rank
         base = LowRank(*compress(acc.U, acc.V))
-    new = state.replace(lora=LoRAFactors(A=A, B=B, scale=s), base=base)
+    new = GlobalMatrix(lora=LoRAFactors(A=A, B=B, scale=s), base=base, W=state.W)
     return Aggregated(state=new, broadcast={"A": A, "B": B, "residual_U": R.U, "residual_V": R.V})
 
 

@@ -17,7 +17,7 @@ def ffa(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: Ro
     """
     B = weighted_sum([u.B for u in updates], p)  # (m, r)
     lora = LoRAFactors(A=state.lora.A, B=B, scale=state.lora.scale)
-    return Aggregated(state=state.replace(lora=lora), broadcast={"B": B})
+    return Aggregated(state=GlobalMatrix(lora=lora, base=state.base, W=state.W), broadcast={"B": B})
 
 
 register(Rule(name="ffa", aggregate=ffa, trains=lambda t: "B", exact=True,

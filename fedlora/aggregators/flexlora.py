@@ -23,7 +23,7 @@ def flexlora(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ct
     L, S, Rt = factored_svd(Bcat, Acat)  # (m, q), (q,), (q, n)
     dt = updates[0].B.dtype
     lora = LoRAFactors(A=Rt.to(dt), B=(L * S).to(dt), scale=1.0)
-    return Aggregated(state=state.replace(lora=lora), broadcast={"A": lora.A, "B": lora.B})
+    return Aggregated(state=GlobalMatrix(lora=lora, base=state.base, W=state.W), broadcast={"A": lora.A, "B": lora.B})
 
 
 def flexlora_view(state: GlobalMatrix, *, rank: Optional[int], scale: Optional[float], seed: int) -> GlobalMatrix:

@@ -25,7 +25,7 @@ def flora(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: 
         stack = stack + LowRank(U=state.lora.B * state.lora.scale, V=state.lora.A)
     base = stack if state.base is None else state.base + stack
     base = LowRank(*compress(base.U, base.V))
-    return Aggregated(state=state.replace(lora=None, base=base), broadcast={"B_g": Bg, "A_g": Ag})
+    return Aggregated(state=GlobalMatrix(lora=None, base=base, W=state.W), broadcast={"B_g": Bg, "A_g": Ag})
 
 
 def flora_view(state: GlobalMatrix, *, rank: Optional[int], scale: Optional[float], seed: int) -> GlobalMatrix:

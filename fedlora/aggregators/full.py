@@ -13,7 +13,7 @@ from .registry import Aggregated, RoundContext, Rule, register
 def full(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: RoundContext) -> Aggregated:
     """``W ← Σ p_k W_k`` (McMahan et al., 2017, FedAvg), exact; uplink m·n per matrix."""
     W = weighted_sum([u.W for u in updates], p)  # (m, n)
-    return Aggregated(state=state.replace(W=W), broadcast={"W": W})
+    return Aggregated(state=GlobalMatrix(lora=state.lora, base=state.base, W=W), broadcast={"W": W})
 
 
 register(Rule(name="full", aggregate=full, trains=lambda t: "W", exact=True,

@@ -21,9 +21,9 @@ def rolora(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx:
     old = state.lora
     if rolora_trains(ctx.round) == "B":
         B = weighted_sum([u.B for u in updates], p)  # (m, r)
-        return Aggregated(state=state.replace(lora=LoRAFactors(A=old.A, B=B, scale=old.scale)), broadcast={"B": B})
+        return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=old.A, B=B, scale=old.scale), base=state.base), broadcast={"B": B})
     A = weighted_sum([u.A for u in updates], p)  # (r, n)
-    return Aggregated(state=state.replace(lora=LoRAFactors(A=A, B=old.B, scale=old.scale)), broadcast={"A": A})
+    return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=A, B=old.B, scale=old.scale), base=state.base), broadcast={"A": A})
 
 
 register(Rule(name="rolora", aggregate=rolora, trains=rolora_trains, exact=True,
