@@ -18,8 +18,9 @@ def fedex_residual(updates: Sequence[ClientUpdate], p: Tensor, scale: float, A_b
 
     ``U = [s p_1 (B_1 − B̄) … s p_K (B_K − B̄)]`` (m × Kr), ``V = [A_1 − Ā; …; A_K − Ā]`` (Kr × n), so
     rank ≤ K r (in fact ≤ (K − 1) r, since Σ p_k (A_k − Ā) = 0). With ``recompress``
-    it is re-factored by QR + SVD at its numerical rank (exact to float tolerance). By default that is done when K r ≤ min(m, n) / 4: above it the SVD of the
-    (K r)² core costs as much as the dense path and random clients leave nothing to drop.
+    it is re-factored by QR + SVD at its numerical rank (exact to float tolerance). By default that
+    is done when K r ≤ min(m, n) / 4: above it the SVD of the (K r)² core costs as much as the dense
+    path, and random clients leave nothing to drop.
     Call ``.dense()`` on the result to materialise the m × n residual.
     """
     U = torch.cat([(u.B - B_bar) * (scale * float(pk)) for u, pk in zip(updates, p)], dim=1)  # (m, K r)
