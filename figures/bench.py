@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from figures.common import save_figure
+
 
 def plot_speedup(records: list[dict]):
     """Speedup of the factored path over the dense reference vs matrix size (m·n)."""
@@ -51,13 +53,4 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     if not src.exists():
         return []
     records = json.loads(src.read_text())
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, fig in (("bench_speedup", plot_speedup(records)), ("bench_floor", plot_floor(records))):
-        for ext in ("png", "pdf"):
-            path = out_dir / f"{name}.{ext}"
-            fig.savefig(path, dpi=150)
-            written.append(path)
-        plt.close(fig)
-    return written
+    return save_figure(plot_speedup(records), out_dir, "bench_speedup") + save_figure(plot_floor(records), out_dir, "bench_floor")
