@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 TINY = 1e-17  # where exact zeros are drawn on log axes
 
@@ -114,6 +115,8 @@ def plot_inexactness(inexact: dict):
     ax.loglog(h, [row["predicted"] for row in rows], "-", color="k",
               label="η² ‖Σ p_k (g_B,k − ḡ_B)(g_A,k − ḡ_A)‖_F")
     ax.loglog(h, [row["measured"] for row in rows], "o", color="C0", mfc="none", label="core fedavg: ‖Σ p_k B_k A_k − B̄Ā‖_F")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(h, [f"{x:g}" for x in h])
     ax.set_xlabel("client heterogeneity h")
     ax.set_ylabel("averaging error (∝ h²)")
     ax.set_title(f"FedAvg inexactness, one local step, η = {inexact['eta']:g}", fontsize=9)
