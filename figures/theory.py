@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from figures.common import save_figure  # noqa: E402
+
 TINY = 1e-17  # where exact zeros are drawn on log axes
 
 
@@ -148,20 +150,13 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     if not src.exists() or not (Path(results_dir) / "theory" / "theory.json").exists():
         return []
     traces = json.loads(src.read_text())
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     figs = (("theory_angle", lambda: plot_angle(traces["rolora_angle"], traces["rolora_bound"])),
             ("theory_floors", lambda: plot_floors(traces["rank_floor"])),
             ("theory_inexactness", lambda: plot_inexactness(traces["fedavg_inexactness"])),
             ("theory_drift", lambda: plot_drift(traces["client_drift"])))
     written = []
     for name, make in figs:
-        fig = make()
-        for ext in ("png", "pdf"):
-            path = out_dir / f"{name}.{ext}"
-            fig.savefig(path, dpi=150)
-            written.append(path)
-        plt.close(fig)
+        written += save_figure(make(), out_dir, name)
     return written
 
 
