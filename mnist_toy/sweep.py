@@ -103,6 +103,8 @@ def _tune(sweep: Sweep, probe: ToyConfig, where: Path, data: Mnist) -> tuple[flo
     """Best lr by final validation accuracy on the tuning seed; the grid grows past an edge if the best
     lr sits there (one step each way, ``lr_extend``). Ties go to the smaller lr."""
     grid, tuned = sorted(sweep.lr_grid), {}
+    if len(grid) == 1 and not sweep.lr_extend:  # a fixed lr (e.g. a published one): nothing to tune
+        return grid[0], {}
     lo = sorted(x for x in sweep.lr_extend if x < grid[0])[::-1]
     hi = sorted(x for x in sweep.lr_extend if x > grid[-1])
     while True:
