@@ -90,7 +90,8 @@ def make_inputs(case: Case, seed: int = 0):
 
 
 def target(case: Case) -> tuple[Callable[[], object], dict]:
-    """The callable to time for ``case`` and the extra info to record beside it."""
+    """The callable to time for ``case`` and the extra info to record beside it. For a reference,
+    ``info["check"](result)`` compares a timed call's result with the fast path, outside the timing."""
     state, ups, p, ctx = make_inputs(case)
     rule = get_rule(case.rule)
     info = {"rule": case.rule, "m": case.m, "n": case.n, "clients": case.clients, "rank": case.rank, "kind": case.kind}
@@ -101,6 +102,14 @@ def target(case: Case) -> tuple[Callable[[], object], dict]:
     fn = REFERENCES[case.rule] if case.kind == "reference" else rule.aggregate
     if case.kind == "fast":  # once, untimed: the bytes each client receives
         info["downlink_bytes"] = rule.client_downlink_bytes(fn(state, ups, p, ctx), case.rank)
+    else:  # after timing, untimed: do the two paths agree? (relative Frobenius error of the effective update)
+
+        def check(ref_result) -> dict:
+            ref = ref_result.state.effective_delta().double()
+            fast = rule.aggregate(state, ups, p, ctx).state.effective_delta().double()
+            return {"product_rel_error": float(torch.linalg.norm(fast - ref) / torch.linalg.norm(ref))}
+
+        info["check"] = check
     # what a dense implementation ships per client: the m×n update (FedEx-LoRA: Ā, B̄ and the dense residual)
     info["dense_downlink_bytes"] = case.m * case.n * 4
     if case.rule == "fedex":
@@ -126,6 +135,7 @@ def report(raw_json: Path, out_dir: Path) -> list[dict]:
         if "reference" in kinds:
             rec["reference_median_s"] = kinds["reference"][0]
             rec["speedup"] = kinds["reference"][0] / med
+            rec["product_rel_error"] = kinds["reference"][1].get("product_rel_error")
         if "floor" in kinds:
             rec["floor_median_s"] = kinds["floor"][0]
             rec["floor_ratio"] = med / kinds["floor"][0]
@@ -145,13 +155,13 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| rule | m×n | K | r | median (ms) | dense ref (ms) | speedup | floor (ms) | ÷floor | downlink/client | dense downlink | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| rule | m×n | K | r | median (ms) | dense ref (ms) | speedup | rel. error vs ref | floor (ms) | ÷floor | downlink/client | dense downlink | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         dl, ddl = r.get("downlink_bytes"), r.get("dense_downlink_bytes")
-        lines.append("| {rule} | {m}×{n} | {clients} | {rank} | {t} | {ref} | {sp} | {fl} | {fr} | {dl} | {ddl} | {dr} |".format(
+        lines.append("| {rule} | {m}×{n} | {clients} | {rank} | {t} | {ref} | {sp} | {err} | {fl} | {fr} | {dl} | {ddl} | {dr} |".format(
             **r, t=_fmt(r["median_s"] * 1e3, ".3g"), ref=_fmt(r.get("reference_median_s") and r["reference_median_s"] * 1e3, ".4g"),
-            sp=_fmt(r.get("speedup"), ".0f") + ("×" if r.get("speedup") else ""),
+            sp=_fmt(r.get("speedup"), ".0f") + ("×" if r.get("speedup") else ""), err=_fmt(r.get("product_rel_error"), ".1e"),
             fl=_fmt(r.get("floor_median_s") and r["floor_median_s"] * 1e3, ".3g"),
             fr=_fmt(r.get("floor_ratio"), ".2f"), dl=_bytes(dl), ddl=_bytes(ddl),
             dr=(f"{ddl / dl:.0f}×" if dl and ddl else "")))
