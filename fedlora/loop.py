@@ -112,6 +112,7 @@ def run_federated(cfg: FedConfig, *, init: Mapping[str, GlobalMatrix],
                   client_ranks: Optional[Sequence[int]] = None, client_scales: Optional[Sequence[float]] = None,
                   checkpoint_dir: Optional[Path] = None, resume: bool = False,
                   on_bad_update: str = "raise", stop_after: Optional[int] = None,
+                  local_optimizers: Sequence[str] = ("default",),
                   progress: bool = True, run_info: Optional[Mapping] = None) -> RunResult:
     """Run ``cfg.rounds`` rounds of ``cfg.rule`` from ``init``.
 
@@ -119,10 +120,17 @@ def run_federated(cfg: FedConfig, *, init: Mapping[str, GlobalMatrix],
     it is not used for chained rules. ``on_bad_update="drop"`` rejects a malformed client (recorded
     in the round's history) instead of stopping the run; the global never sees it either way.
     ``stop_after`` ends the run after that many rounds in this call (to simulate an interruption).
+    ``local_optimizers`` names the local optimizers ``local_train`` honours (``ClientTask.local_optimizer``):
+    a rule that needs another one (``full-galore`` needs ``"galore"``) is refused rather than run with
+    plain SGD/AdamW by mistake — the silent failure of a published GaLore baseline.
     """
     if on_bad_update not in ("raise", "drop"):
         raise ConfigError(f"on_bad_update={on_bad_update!r}; use 'raise' or 'drop'")
     rule = get_rule(cfg.rule)
+    if rule.local_optimizer not in local_optimizers:
+        raise ConfigError(f"rule {rule.name!r} needs the local optimizer {rule.local_optimizer!r}, which this "
+                          f"local_train does not declare (it honours {list(local_optimizers)}); implement it and pass "
+                          f"local_optimizers=(..., {rule.local_optimizer!r}), or choose another rule")
     if client_ranks is not None and len(client_ranks) != cfg.num_clients:
         raise ConfigError(f"client_ranks has {len(client_ranks)} entries for {cfg.num_clients} clients")
     state, history, start = dict(init), [], 0
