@@ -10,6 +10,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import random
+
+import numpy as np
+import torch
 from safetensors.torch import load_file, save_file
 
 from .factors import GlobalMatrix, LoRAFactors, LowRank
@@ -17,6 +21,7 @@ from .factors import GlobalMatrix, LoRAFactors, LowRank
 __all__ = ["save_checkpoint", "load_checkpoint", "state_to_tensors", "state_from_tensors", "atomic_write_json"]
 
 _SEP = "::"
+_RNG = "__rng__::"  # tensor-name prefix of the global generator states
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -59,30 +64,60 @@ def state_from_tensors(tensors: Mapping, meta: Mapping) -> dict[str, GlobalMatri
     return out
 
 
+def global_rng_state() -> tuple[dict, dict]:
+    """The process-global generators (torch, numpy, random) as tensors + JSON.
+
+    fedlora's own draws derive from the seed (``fedlora.seeding``); these cover a tier that also
+    draws from a global generator (e.g. dropout inside a model), so a resumed run matches anyway.
+    """
+    np_state = np.random.get_state()
+    tensors = {f"{_RNG}torch": torch.get_rng_state(), f"{_RNG}numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    return tensors, meta
+
+
+def set_global_rng_state(tensors: Mapping, meta: Mapping) -> None:
+    if f"{_RNG}torch" not in tensors:
+        return
+    torch.set_rng_state(tensors[f"{_RNG}torch"])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors[f"{_RNG}numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 def save_checkpoint(directory: Path, *, state: Mapping[str, GlobalMatrix], round_done: int,
                     info: Mapping[str, Any]) -> Path:
-    """Write the state after round ``round_done`` (0-based) and ``info`` (history, config, seeds)."""
+    """Write the state after round ``round_done`` (0-based), the global RNG states, and ``info``
+    (history, config, seeds)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, meta = state_to_tensors(state)
+    rng_tensors, rng_meta = global_rng_state()
+    tensors.update(rng_tensors)
     fname = f"state_round{round_done:06d}.safetensors"
     tmp = directory / (fname + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, directory / fname)
     atomic_write_json(directory / "checkpoint.json",
-                      {"round_done": round_done, "tensors": fname, "matrices": meta, **info})
+                      {"round_done": round_done, "tensors": fname, "matrices": meta, "global_rng": rng_meta, **info})
     for old in directory.glob("state_round*.safetensors"):  # the JSON rename above committed the new one
         if old.name != fname:
             old.unlink(missing_ok=True)
     return directory / "checkpoint.json"
 
 
-def load_checkpoint(directory: Path) -> Optional[tuple[dict[str, GlobalMatrix], dict]]:
-    """Return ``(state, info)`` from the last committed checkpoint, or ``None`` if there is none."""
+def load_checkpoint(directory: Path, *, restore_rng: bool = True) -> Optional[tuple[dict[str, GlobalMatrix], dict]]:
+    """Return ``(state, info)`` from the last committed checkpoint, or ``None`` if there is none;
+    with ``restore_rng`` the process-global generators are set back to where they were."""
     path = Path(directory) / "checkpoint.json"
     if not path.exists():
         return None
     with open(path) as f:
         info = json.load(f)
     tensors = load_file(str(Path(directory) / info["tensors"]))
+    if restore_rng and "global_rng" in info:
+        set_global_rng_state(tensors, info["global_rng"])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(_RNG)}
     return state_from_tensors(tensors, info["matrices"]), info

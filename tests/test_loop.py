@@ -107,6 +107,27 @@ def test_resume_reaches_the_same_final_numbers(rule, tmp_path):
     assert torch.equal(resumed.state["w"].effective_delta(), whole.state["w"].effective_delta())
 
 
+def test_resume_restores_global_generators_a_tier_may_use(tmp_path):
+    """A tier drawing from torch's global RNG (dropout, say) still resumes to the same numbers."""
+    honest = make_local_train(DATA)
+
+    def noisy(task):
+        res = honest(task)
+        f = res.params["w"]
+        return ClientResult(params={"w": LoRAFactors(A=f.A + 0.01 * torch.randn(f.A.shape, dtype=f.A.dtype), B=f.B,
+                                                     scale=f.scale)}, num_samples=res.num_samples)
+
+    cfg = FedConfig(rule="fedavg", rounds=4, num_clients=3, seed=0)
+    torch.manual_seed(123)
+    whole = run_federated(cfg, init=init_state("fedavg"), local_train=noisy, progress=False)
+    torch.manual_seed(123)
+    run_federated(cfg, init=init_state("fedavg"), local_train=noisy, checkpoint_dir=tmp_path, stop_after=2, progress=False)
+    torch.manual_seed(999)  # whatever happened in between
+    resumed = run_federated(cfg, init=init_state("fedavg"), local_train=noisy, checkpoint_dir=tmp_path, resume=True,
+                            progress=False)
+    assert torch.equal(resumed.state["w"].effective_delta(), whole.state["w"].effective_delta())
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     _run("fedavg", rounds=3, checkpoint_dir=tmp_path, stop_after=1)
     with pytest.raises(ConfigError, match="resume with the same config"):
