@@ -83,16 +83,22 @@ def _panels(runs, setting: str, x_of, xlabel: str, logx: bool = False):
             group = [r for r in here if r["method"] == method]
             x, mu, sd = _curve(group, x_of)
             st = STYLE.get(method, {})
-            ax.plot(x, mu, label=f"{method} (n={len(group)})", **st)
+            ax.plot(x, mu, label=method, **st)
             ax.fill_between(x, mu - sd, mu + sd, color=st.get("color"), alpha=0.15, lw=0)
-        ax.set_title(f"{setting}, {work} per round, r={here[0]['rank']}" if here else work, fontsize=9)
+        seeds = sorted({len(g) for g in _groups(here, "method").values()})
+        ax.set_title(f"{setting}, {work} per round, r={here[0]['rank']}, "
+                     f"{'/'.join(map(str, seeds))} seeds" if here else work, fontsize=9)
         ax.set_xlabel(xlabel)
         if logx:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:  # one legend for all panels: a method missing from one panel still appears
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab.split(" (")[0], h)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     return fig
 
 
