@@ -223,3 +223,20 @@ def test_sweep_and_figures(mnist, tmp_path):
     names = {p.name for p in written}
     assert "mnist_accuracy_vs_rank_10x1_labels_2_steps.png" in names and "mnist_t_accuracy_vs_round_10x1_labels.pdf" in names
     assert "mnist_t_accuracy_vs_bytes_10x1_labels.png" in names
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedex", "flora", "full"])
+def test_pretrained_base_variant(mnist, method):
+    """The second variant: a frozen pretrained W0 (and W_out); LoRA starts at B = 0, so the global
+    function at round 0 is the pretrained one, and the engines still agree."""
+    cfg = ToyConfig(method=method, base="pretrained", pretrain_size=500, pretrain_epochs=2, dtype="float64",
+                    **{**SMALL, "train_subset": 2000})
+    toy = build_toy(cfg, mnist)
+    assert toy.W0 is not None and sum(toy.sizes) == 2000 - 300 - 500
+    state = init_state(cfg, toy)
+    from mnist_toy.model import hidden_weight
+
+    torch.testing.assert_close(hidden_weight(toy, state[NAME]), toy.W0)  # B0 = 0: starts at the base
+    recs = [run(dataclasses.replace(cfg, engine=e), data=mnist, progress=False) for e in ("batched", "reference")]
+    assert recs[0]["final_test_accuracy"] == recs[1]["final_test_accuracy"]
+    assert recs[0]["rounds"][-1]["train_loss"] == pytest.approx(recs[1]["rounds"][-1]["train_loss"], rel=1e-9)
