@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["load_runs", "plot_accuracy_vs_round", "plot_accuracy_vs_rank", "plot_accuracy_vs_bytes",
-           "summary_table", "make_all"]
+           "summary_table", "pivot_table", "make_all"]
 
 ORDER = ("centralised", "fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
 STYLE = {"centralised": dict(color="black", ls="--"), "fedavg": dict(color="C0"), "ffa": dict(color="C1"),
@@ -147,6 +147,32 @@ def summary_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot_table(runs: list[dict]) -> str:
+    """Markdown: one row per (setting, local work, rank), one column per method, mean ± std (and lr)."""
+    g = _groups(runs, "setting", "local_work", "rank", "method")
+    methods = [m for m in _methods(runs) if m != "centralised"]
+    cent = {(k[1], k[2]): v for k, v in g.items() if k[0] == "centralised"}
+    rows = sorted({k[:3] for k in g if k[0] != "centralised"}, key=lambda k: (k[0], WORK_ORDER(k[1]), k[2]))
+    cell = lambda rs: (f"{np.mean([r['final_test_accuracy'] for r in rs]):.3f} ± "  # noqa: E731
+                       f"{np.std([r['final_test_accuracy'] for r in rs]):.3f}" if rs else "–")
+    head = ["setting", "local work", "r"] + methods + (["centralised"] if cent else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for setting, work, rank in rows:
+        vals = [cell(g.get((setting, work, rank, m), [])) for m in methods]
+        if cent:
+            vals.append(cell(cent.get((work, rank), [])))
+        lines.append(f"| {setting} | {work} | {rank} | " + " | ".join(vals) + " |")
+    lrs = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for setting, work, rank in rows:
+        vals = [",".join(f"{x:g}" for x in sorted({r["lr"] for r in g.get((setting, work, rank, m), [])})) or "–"
+                for m in methods]
+        if cent:
+            vals.append(",".join(f"{x:g}" for x in sorted({r["lr"] for r in cent.get((work, rank), [])})) or "–")
+        lrs.append(f"| {setting} | {work} | {rank} | " + " | ".join(vals) + " |")
+    return ("Final test accuracy, mean ± std over seeds:\n\n" + "\n".join(lines) +
+            "\n\nLearning rate used (chosen on the validation split):\n\n" + "\n".join(lrs) + "\n")
+
+
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
@@ -180,7 +206,9 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
                                  f"mnist_{name}_accuracy_vs_bytes_{slug}")
         table = out_dir / f"mnist_{name}_table.md"
         table.write_text(summary_table(group))
-        written.append(table)
+        pivot = out_dir / f"mnist_{name}_pivot.md"
+        pivot.write_text(pivot_table(group))
+        written += [table, pivot]
     for (setting, work, rounds), group in _groups(
             [dict(r, n_rounds=r["config"]["rounds"]) for r in runs], "setting", "local_work", "n_rounds").items():
         if setting == "centralised":
