@@ -122,17 +122,14 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
         params = [p for p, name in ((A, "A"), (B, "B")) if name in trains]
         Wf = _stack_frozen(toy, starts)
 
-    # Frozen-feature cache: x W_fᵀ always, x Aᵀ when A is frozen. Compute it on the rows this run
-    # visits: all n_k rows if the run covers the shard (epochs), else just the stream (few steps).
-    cache_x = cfg.feature_cache and (Wf is not None or trains == "B")
+    # Frozen-feature cache: x W_fᵀ always, x Aᵀ when A is frozen, computed once for every row of the
+    # shard when the run revisits rows (S·b ≥ N_max: epochs); a run that sees each row at most once
+    # (a few steps) gains nothing from it, so it computes them per step.
+    cache_x = cfg.feature_cache and (Wf is not None or trains == "B") and S * b >= X.shape[1]
     if cache_x:
-        if S * b >= X.shape[1]:
-            rows, pos = X, idx  # features of every row; step s reads rows idx[:, s]
-        else:
-            rows, pos = X[kk, idx.view(K, -1)], torch.arange(S * b).view(1, S, b).expand(K, S, b)  # (K, S·b, 784)
-        F_rows = rows @ (Wf.transpose(-1, -2)) if Wf is not None else None  # (K, R, h)
-        Z_rows = rows @ A.transpose(1, 2) if trains == "B" else None  # (K, R, r)
-    need_x = full or not (cache_x and trains == "B")
+        F_rows = X @ Wf.transpose(-1, -2) if Wf is not None else None  # (K, N_max, h)
+        Z_rows = X @ A.transpose(1, 2) if trains == "B" else None  # (K, N_max, r)
+    need_x = full or not (cache_x and trains == "B")  # B-only from the cache never touches x
 
     opt = _Optimizer(cfg, params)
     loss_sum = torch.zeros(K, dtype=torch.float64)
@@ -144,9 +141,8 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
             pre = xb @ W.transpose(1, 2)  # (K, b, h)
         else:
             if cache_x:
-                p_t = pos[:, t]
-                fb = F_rows[kk, p_t] if F_rows is not None else None  # (K, b, h)
-                z = Z_rows[kk, p_t] if Z_rows is not None else xb @ A.transpose(1, 2)  # (K, b, r)
+                fb = F_rows[kk, it] if F_rows is not None else None  # (K, b, h)
+                z = Z_rows[kk, it] if Z_rows is not None else xb @ A.transpose(1, 2)  # (K, b, r)
             else:
                 fb = xb @ Wf.transpose(-1, -2) if Wf is not None else None
                 z = xb @ A.transpose(1, 2)  # (K, b, r)

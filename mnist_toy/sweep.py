@@ -123,6 +123,21 @@ def _tune(sweep: Sweep, probe: ToyConfig, where: Path, data: Mnist) -> tuple[flo
             return best, {str(k): v for k, v in sorted(tuned.items())}
 
 
+def _eval_seeds(sweep: Sweep, probe: ToyConfig, cell: Path, seeds, lr: float, tuned: dict, data: Mnist, *,
+                source) -> list[float]:
+    accs = []
+    where = "this setting" if source is None or source == (probe.clients, probe.labels_per_client) else \
+        f"{source[0]}x{source[1]} labels"
+    for seed in seeds:
+        cfg = dataclasses.replace(probe, lr=lr, seed=seed)
+        rec = _run_or_load(cfg, cell / run_filename(cfg), data,
+                           {"sweep": sweep.name, "role": "eval", "lr_grid": list(sweep.lr_grid) + list(sweep.lr_extend),
+                            "tune_seed": sweep.tune_seed, "tune_val_accuracy": tuned, "lr_tuned_on": where})
+        if rec["final_test_accuracy"] is not None:  # a diverged seed is reported, not averaged
+            accs.append(rec["final_test_accuracy"])
+    return accs
+
+
 def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int, ...]] = None,
               methods: Optional[tuple[str, ...]] = None, dry_run: bool = False) -> list[dict]:
     """Tune and run every cell; returns a summary row per cell (best lr, final test accuracies)."""
@@ -142,14 +157,10 @@ def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int
             tcfg = _cfg(sweep, work, tune_key[1], method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seed)
             best_lr[tune_key] = _tune(sweep, tcfg, _cell_dir(out, sweep, tcfg) / "tune", data)
         best, tuned = best_lr[tune_key]
-        accs = []
-        for seed in seeds:
-            cfg = dataclasses.replace(probe, lr=best, seed=seed)
-            rec = _run_or_load(cfg, cell / run_filename(cfg), data,
-                               {"sweep": sweep.name, "role": "eval", "lr_grid": list(sweep.lr_grid) + list(sweep.lr_extend),
-                                "tune_seed": sweep.tune_seed, "tune_val_accuracy": tuned})
-            if rec["final_test_accuracy"] is not None:  # a diverged seed is reported, not averaged
-                accs.append(rec["final_test_accuracy"])
+        accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, source=tune_key[1])
+        if not accs and tune_key[1] != setting:  # the transferred lr diverged on every seed: tune here too
+            best, tuned = _tune(sweep, probe, cell / "tune", data)
+            accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, source=setting)
         summary.append({"setting": probe.setting, "local_work": probe.local_work, "method": method, "rank": rank,
                         "lr": best, "final_test_accuracy": accs})
         tqdm.write(f"{probe.setting:>14} {probe.local_work:>9} r{rank:<2} {method:>12} lr={best:<5g} "
