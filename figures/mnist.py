@@ -33,7 +33,7 @@ def load_runs(results_dir: Path) -> list[dict]:
                 rec = json.load(f)
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(rec, dict) and rec.get("final_test_accuracy") is not None and rec.get("role") != "tune" and rec.get("complete"):
+        if isinstance(rec, dict) and rec.get("final_test_accuracy") is not None and rec.get("role") not in ("tune", "superseded") and rec.get("complete"):
             runs.append(rec)
     return runs
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from fedlora.checkpoint import atomic_write_json
+
 from .config import CENTRALISED, ToyConfig
 from .data import Mnist
 from .run import run, run_filename
@@ -138,6 +140,16 @@ def _eval_seeds(sweep: Sweep, probe: ToyConfig, cell: Path, seeds, lr: float, tu
     return accs
 
 
+def _supersede(cell: Path, probe: ToyConfig, seeds, lr: float) -> None:
+    for seed in seeds:
+        path = cell / run_filename(dataclasses.replace(probe, lr=lr, seed=seed))
+        if path.exists():
+            rec = json.loads(path.read_text())
+            rec["role"] = "superseded"
+            rec["superseded_because"] = "the lr transferred from another setting diverged on some seed; re-tuned here"
+            atomic_write_json(path, rec)
+
+
 def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int, ...]] = None,
               methods: Optional[tuple[str, ...]] = None, dry_run: bool = False) -> list[dict]:
     """Tune and run every cell; returns a summary row per cell (best lr, final test accuracies)."""
@@ -158,7 +170,10 @@ def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int
             best_lr[tune_key] = _tune(sweep, tcfg, _cell_dir(out, sweep, tcfg) / "tune", data)
         best, tuned = best_lr[tune_key]
         accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, source=tune_key[1])
-        if not accs and tune_key[1] != setting:  # the transferred lr diverged on every seed: tune here too
+        if len(accs) < len(seeds) and tune_key[1] != setting:
+            # The lr tuned on another setting diverged on some seed here: tune this cell on its own
+            # setting (same rule), and mark the runs at the transferred lr as superseded.
+            _supersede(cell, probe, seeds, best)
             best, tuned = _tune(sweep, probe, cell / "tune", data)
             accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, source=setting)
         summary.append({"setting": probe.setting, "local_work": probe.local_work, "method": method, "rank": rank,
