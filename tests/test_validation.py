@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora import ClientUpdate, UpdateError, aggregate, RoundContext
+from fedlora import ClientUpdate, NonFiniteUpdateError, UpdateError, aggregate, RoundContext
 
 from rule_cases import make_case
 
@@ -22,7 +22,7 @@ def test_nan_update_is_rejected_naming_the_client(rule):
     t = bad.fields()[field].clone()
     t.view(-1)[0] = float("nan")
     case.updates[1] = ClientUpdate(**{**bad.fields(), field: t}, scale=bad.scale)
-    with pytest.raises(UpdateError, match=r"client 1: .* NaN/Inf"):
+    with pytest.raises(NonFiniteUpdateError, match=r"client 1: .* NaN/Inf"):
         aggregate(rule, case.state, case.updates, case.weights, ctx=case.ctx)
     assert torch.equal(_snapshot(case.state), before)
 

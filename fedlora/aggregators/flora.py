@@ -29,7 +29,12 @@ def flora(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: 
 
 
 def flora_view(state: GlobalMatrix, *, rank: Optional[int], scale: Optional[float], seed: int) -> GlobalMatrix:
-    """A fresh adapter (B = 0, A random from the client-round seed) on the merged base."""
+    """A fresh adapter (B = 0, A random from the client-round seed) on the merged base.
+
+    With B = 0 the adapter's gradient flows only through B, via the frozen weight's activations: a
+    model whose frozen weight is zero (the RoLoRA toy with W0 = 0) gets no gradient at all, so such a
+    tier must start FLoRA from a non-zero base (e.g. merge the other methods' random start s B0 A0).
+    """
     if rank is None or scale is None:
         raise ValueError("flora needs each client's rank and scale to start a fresh adapter")
     m, n = state.shape
