@@ -42,9 +42,16 @@ def main(argv=None) -> int:
         print(f"  {name:10s} {status:28s} {dt:7.1f} s")
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     print(f"  {len(files)} files under {args.out}/:")
+    by_dir: dict = {}
     for p in files:
-        if p.suffix in (".json", ".md", ".png") and "traces" not in p.name:
-            print(f"    {p}")
+        by_dir.setdefault(p.parent, []).append(p)
+    for d, ps in by_dir.items():
+        if len(ps) <= 4:
+            for p in ps:
+                print(f"    {p}")
+        else:
+            kinds = ", ".join(sorted({p.suffix for p in ps}))
+            print(f"    {d}/  ({len(ps)} files: {kinds})")
     return 1 if failed else 0
 
 
