@@ -51,28 +51,28 @@ def test_fedex_factored_equals_dense_residual(m, n, r, K, seed):
         assert q <= min(K * r, m, n)
 
 
-def test_fedex_residual_can_be_materialised_densely():
-    case = make_case("fedex", m=8, n=3, r=2, K=3, seed=0)
+def _residual_inputs(m, n, r, K):
+    case = make_case("fedex", m=m, n=n, r=r, K=K, seed=0)
     p = case.weights / case.weights.sum()
     A = sum(float(pk) * u.A for u, pk in zip(case.updates, p))
     B = sum(float(pk) * u.B for u, pk in zip(case.updates, p))
-    R = fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=False)
-    assert fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=True).rank == 3  # = min(m, n)
+    return case.updates, p, case.state.lora.scale, A, B
 
+
+def test_fedex_residual_can_be_materialised_densely():
+    ups, p, s, A, B = _residual_inputs(8, 3, 2, 3)
+    R = fedex_residual(ups, p, s, A, B, recompress=False)
     assert R.rank == 3 * 2
-    dense = R.dense()
-    expected = case.state.lora.scale * (sum(float(pk) * (u.B @ u.A) for u, pk in zip(case.updates, p)) - B @ A)
-    assert _rel(dense, expected) < 1e-12
+    assert fedex_residual(ups, p, s, A, B, recompress=True).rank == 3  # = min(m, n)
+    expected = s * (sum(float(pk) * (u.B @ u.A) for u, pk in zip(ups, p)) - B @ A)
+    assert _rel(R.dense(), expected) < 1e-12
 
 
 def test_fedex_residual_rank_is_at_most_k_minus_one_times_r():
     # Σ p_k (A_k − Ā) = 0, so the K deviation blocks are dependent: rank ≤ (K − 1) r, and recompression finds it
-    case = make_case("fedex", m=20, n=15, r=2, K=3, seed=0)
-    p = case.weights / case.weights.sum()
-    A = sum(float(pk) * u.A for u, pk in zip(case.updates, p))
-    B = sum(float(pk) * u.B for u, pk in zip(case.updates, p))
-    raw = fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=False)
-    small = fedex_residual(case.updates, p, case.state.lora.scale, A, B, recompress=True)
+    ups, p, s, A, B = _residual_inputs(20, 15, 2, 3)
+    raw = fedex_residual(ups, p, s, A, B, recompress=False)
+    small = fedex_residual(ups, p, s, A, B, recompress=True)
     assert raw.rank == 6 and small.rank == 4
     assert _rel(small.dense(), raw.dense()) < 1e-12
 
