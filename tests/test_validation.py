@@ -63,3 +63,13 @@ def test_empty_round_is_rejected():
 def test_unknown_rule_lists_the_registered_ones():
     with pytest.raises(KeyError, match="registered rules: .*fedavg"):
         aggregate("fedprox-lora", make_case("fedavg", m=2, n=2, r=1, K=1, seed=0).state, [], [])
+
+
+def test_stack_clients_stacks_equal_ranks_and_refuses_ragged_ones():
+    from fedlora import LoRAFactors, stack_clients
+
+    fs = [LoRAFactors(A=torch.full((2, 5), float(k)), B=torch.full((3, 2), float(k))) for k in range(4)]
+    A, B = stack_clients(fs)
+    assert A.shape == (4, 2, 5) and B.shape == (4, 3, 2) and torch.equal(A[3], fs[3].A)
+    with pytest.raises(ValueError, match="equal ranks"):
+        stack_clients(fs + [LoRAFactors(A=torch.zeros(1, 5), B=torch.zeros(3, 1))])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from ..factors import ClientUpdate, GlobalMatrix, LoRAFactors, LowRank
@@ -29,8 +30,7 @@ def fedex_dense(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor,
     B = sum(float(pk) * u.B for u, pk in zip(updates, p))
     R = weighted_product_dense(updates, p) - s * (B @ A)  # (m, n)
     base_dense = R if state.base is None else state.base.dense() + R
-    m, n = R.shape
-    eye = __import__("torch").eye(n, dtype=R.dtype, device=R.device)
+    eye = torch.eye(R.shape[1], dtype=R.dtype, device=R.device)  # base kept as (dense) @ I to fit LowRank
     new = state.replace(lora=LoRAFactors(A=A, B=B, scale=s), base=LowRank(U=base_dense, V=eye))
     return Aggregated(state=new, broadcast={"A": A, "B": B, "residual": R})
 
