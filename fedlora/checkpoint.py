@@ -16,12 +16,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .factors import GlobalMatrix, LoRAFactors, LowRank
+from torch import Tensor
+
+from .factors import DenseBase, GlobalMatrix, LoRAFactors, LowRank
 
 __all__ = ["save_checkpoint", "load_checkpoint", "state_to_tensors", "state_from_tensors", "atomic_write_json"]
 
 _SEP = "::"
 _RNG = "__rng__::"  # tensor-name prefix of the global generator states
+_LOCAL = "__client__::"  # tensor-name prefix of the clients' local state (``__client__::<id>::<name>``)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -34,18 +37,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def state_to_tensors(state: Mapping[str, GlobalMatrix]) -> tuple[dict, dict]:
-    """Flatten a model state into ``{name::part: tensor}`` plus JSON metadata (scales, parts)."""
+def state_to_tensors(state: Mapping[str, GlobalMatrix | Tensor]) -> tuple[dict, dict]:
+    """Flatten a model state into ``{name::part: tensor}`` plus JSON metadata (scales, parts).
+    A plain tensor in the state is a dense parameter (``name::dense``)."""
     tensors, meta = {}, {}
     for name, g in state.items():
         if _SEP in name:
             raise ValueError(f"matrix name {name!r} contains {_SEP!r}; rename it")
+        if isinstance(g, Tensor):
+            tensors[f"{name}{_SEP}dense"] = g.contiguous()
+            meta[name] = {"dense": True}
+            continue
         m: dict[str, Any] = {}
         if g.lora is not None:
             tensors[f"{name}{_SEP}lora.A"] = g.lora.A.contiguous()
             tensors[f"{name}{_SEP}lora.B"] = g.lora.B.contiguous()
             m["scale"] = g.lora.scale
-        if g.base is not None:
+        if isinstance(g.base, DenseBase):
+            tensors[f"{name}{_SEP}base.M"] = g.base.M.contiguous()
+        elif g.base is not None:
             tensors[f"{name}{_SEP}base.U"] = g.base.U.contiguous()
             tensors[f"{name}{_SEP}base.V"] = g.base.V.contiguous()
         if g.W is not None:
@@ -54,12 +64,16 @@ def state_to_tensors(state: Mapping[str, GlobalMatrix]) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def state_from_tensors(tensors: Mapping, meta: Mapping) -> dict[str, GlobalMatrix]:
+def state_from_tensors(tensors: Mapping, meta: Mapping) -> dict[str, GlobalMatrix | Tensor]:
     out = {}
     for name, m in meta.items():
         t = lambda part: tensors.get(f"{name}{_SEP}{part}")  # noqa: E731
+        if m.get("dense"):
+            out[name] = t("dense")
+            continue
         lora = LoRAFactors(A=t("lora.A"), B=t("lora.B"), scale=m["scale"]) if t("lora.A") is not None else None
         base = LowRank(U=t("base.U"), V=t("base.V")) if t("base.U") is not None else None
+        base = DenseBase(M=t("base.M")) if t("base.M") is not None else base
         out[name] = GlobalMatrix(lora=lora, base=base, W=t("W"))
     return out
 
@@ -87,13 +101,17 @@ def set_global_rng_state(tensors: Mapping, meta: Mapping) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(directory: Path, *, state: Mapping[str, GlobalMatrix], round_done: int,
-                    info: Mapping[str, Any]) -> Path:
-    """Write the state after round ``round_done`` (0-based), the global RNG states, and ``info``
-    (history, config, seeds)."""
+def save_checkpoint(directory: Path, *, state: Mapping[str, GlobalMatrix | Tensor], round_done: int,
+                    info: Mapping[str, Any], client_state: Optional[Mapping[Any, Mapping[str, Tensor]]] = None) -> Path:
+    """Write the state after round ``round_done`` (0-based), the global RNG states, ``info``
+    (history, config, seeds) and the clients' local state (``client_state``: id -> {name: tensor},
+    e.g. a head each client keeps to itself)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, meta = state_to_tensors(state)
+    for c, local in (client_state or {}).items():
+        for name, t in local.items():
+            tensors[f"{_LOCAL}{c}{_SEP}{name}"] = t.contiguous()
     rng_tensors, rng_meta = global_rng_state()
     tensors.update(rng_tensors)
     fname = f"state_round{round_done:06d}.safetensors"
@@ -110,7 +128,8 @@ def save_checkpoint(directory: Path, *, state: Mapping[str, GlobalMatrix], round
 
 def load_checkpoint(directory: Path, *, restore_rng: bool = True) -> Optional[tuple[dict[str, GlobalMatrix], dict]]:
     """Return ``(state, info)`` from the last committed checkpoint, or ``None`` if there is none;
-    with ``restore_rng`` the process-global generators are set back to where they were."""
+    with ``restore_rng`` the process-global generators are set back to where they were. The clients'
+    local state, if any was saved, is ``info["client_state"]`` ({client id (int): {name: tensor}})."""
     path = Path(directory) / "checkpoint.json"
     if not path.exists():
         return None
@@ -120,4 +139,10 @@ def load_checkpoint(directory: Path, *, restore_rng: bool = True) -> Optional[tu
     if restore_rng and "global_rng" in info:
         set_global_rng_state(tensors, info["global_rng"])
     tensors = {k: v for k, v in tensors.items() if not k.startswith(_RNG)}
+    local: dict = {}
+    for key in [k for k in tensors if k.startswith(_LOCAL)]:
+        c, _, name = key[len(_LOCAL):].partition(_SEP)
+        local.setdefault(int(c), {})[name] = tensors.pop(key)
+    if local:
+        info["client_state"] = local
     return state_from_tensors(tensors, info["matrices"]), info

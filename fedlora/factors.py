@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["LoRAFactors", "LowRank", "ClientUpdate", "GlobalMatrix", "stack_clients", "nbytes"]
+__all__ = ["LoRAFactors", "LowRank", "DenseBase", "ClientUpdate", "GlobalMatrix", "stack_clients", "nbytes", "ModelState"]
 
 
 def nbytes(t: Optional[Tensor]) -> int:
@@ -72,15 +72,58 @@ class LowRank:
     def shape(self) -> tuple[int, int]:
         return (self.U.shape[0], self.V.shape[1])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U.dtype
+
     def dense(self) -> Tensor:
         return self.U @ self.V  # (m, n)
 
     def nbytes(self) -> int:
         return nbytes(self.U) + nbytes(self.V)
 
-    def __add__(self, other: "LowRank") -> "LowRank":
+    def __add__(self, other: "LowRank | DenseBase") -> "LowRank | DenseBase":
+        if isinstance(other, DenseBase):
+            return other + self
         # U1 V1 + U2 V2 = [U1 U2] [V1; V2]: concatenation is exact; recompress separately.
         return LowRank(U=torch.cat([self.U, other.U], dim=1), V=torch.cat([self.V, other.V], dim=0))
+
+
+@dataclass(frozen=True)
+class DenseBase:
+    """A frozen-weight correction held as the ``m × n`` matrix itself.
+
+    FedEx-LoRA's residuals and FLoRA's stacks gain rank every round; once ``q (m + n) ≥ m n`` the
+    factored form is the larger and slower one, and ``fedlora.linalg.merge_into_base`` switches to this.
+    Same interface as ``LowRank`` (``shape``, ``dense``, ``nbytes``, ``+``).
+    """
+
+    M: Tensor  # (m, n)
+
+    def __post_init__(self) -> None:
+        if self.M.ndim != 2:
+            raise ValueError(f"DenseBase needs an m × n matrix; got shape {tuple(self.M.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return min(self.M.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.M.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.M.dtype
+
+    def dense(self) -> Tensor:
+        return self.M
+
+    def nbytes(self) -> int:
+        return nbytes(self.M)
+
+    def __add__(self, other: "LowRank | DenseBase") -> "DenseBase":
+        return DenseBase(M=self.M + other.dense())
 
 
 @dataclass(frozen=True)
@@ -113,7 +156,7 @@ class GlobalMatrix:
     """
 
     lora: Optional[LoRAFactors] = None
-    base: Optional[LowRank] = None
+    base: Optional[LowRank | DenseBase] = None
     W: Optional[Tensor] = None  # (m, n), full-weight rules only
 
     @property
@@ -153,7 +196,9 @@ def stack_clients(factors: Sequence[LoRAFactors]) -> tuple[Tensor, Tensor]:
     return torch.stack([f.A for f in factors]), torch.stack([f.B for f in factors])
 
 
-ModelState = Mapping[str, GlobalMatrix]  # a whole model: adapted-matrix name -> state
+# A whole model: adapted-matrix name -> its GlobalMatrix; a plain tensor is a dense parameter (a task
+# head, say) that every client trains and the server averages, Σ p_k W_k, whatever the rule.
+ModelState = Mapping[str, "GlobalMatrix | Tensor"]
 
 
 def init_lora(m: int, n: int, r: int, *, scale: float, generator: torch.Generator,

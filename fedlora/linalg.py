@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_sum", "factored_svd", "dense_svd", "compress", "compute_dtype"]
+from .factors import DenseBase, LowRank
+
+__all__ = ["weighted_sum", "factored_svd", "dense_svd", "compress", "compute_dtype", "merge_into_base"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,3 +64,23 @@ def compress(U: Tensor, V: Tensor, *, rtol: Optional[float] = None, max_rank: Op
         keep = min(keep, max_rank)
     keep = max(keep, 1)  # keep a (possibly zero) direction so shapes stay valid
     return (L[:, :keep] * S[:keep]).to(U.dtype), Rt[:keep].to(V.dtype)
+
+
+def merge_into_base(base: Optional[LowRank | DenseBase], delta: LowRank, *,
+                    recompress: bool = True) -> LowRank | DenseBase:
+    """``base + delta`` for a frozen-weight correction that grows every round (FedEx-LoRA's residuals,
+    FLoRA's stacks), bounded in size.
+
+    Factored, ``base + delta = [U_b U_d][V_b; V_d]`` is re-compressed to its numerical rank q (exact to
+    float tolerance, ``compress``). Once ``q (m + n) ≥ m n`` the factors hold more numbers than the
+    matrix, so the sum is returned dense (``DenseBase``) and stays dense from then on: the size is
+    bounded by ``min(q (m + n), m n)`` whatever the number of rounds.
+    """
+    acc = delta if base is None else base + delta
+    if isinstance(acc, DenseBase):
+        return acc
+    U, V = compress(acc.U, acc.V) if recompress else (acc.U, acc.V)
+    m, n = U.shape[0], V.shape[1]
+    if U.shape[1] * (m + n) >= m * n:
+        return DenseBase(M=U @ V)  # (m, n)
+    return LowRank(U=U, V=V)

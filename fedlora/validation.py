@@ -11,11 +11,20 @@ from torch import Tensor
 
 from .factors import ClientUpdate, GlobalMatrix
 
-__all__ = ["UpdateError", "NonFiniteUpdateError", "normalize_weights", "validate_updates"]
+__all__ = ["UpdateError", "NonFiniteUpdateError", "normalize_weights", "validate_updates", "validate_dense"]
 
 
 class UpdateError(ValueError):
-    """A client update or weight that the server refuses; the global state is left unchanged."""
+    """A client update or weight that the server refuses; the global state is left unchanged.
+
+    ``client`` is the id of the client at fault (``None`` when no single client is), as data: the
+    round loop drops that client under ``on_bad_update="drop"`` without reading the message.
+    """
+
+    def __init__(self, message: str, *, client=None, position: Optional[int] = None):
+        super().__init__(message)
+        self.client = client
+        self.position = position
 
 
 class NonFiniteUpdateError(UpdateError):
@@ -26,6 +35,11 @@ def _who(k: int, client_ids: Optional[Sequence]) -> str:
     return f"client {client_ids[k]!r} (position {k})" if client_ids is not None else f"client {k}"
 
 
+def _at(k: int, client_ids: Optional[Sequence]) -> dict:
+    """The culprit as data for ``UpdateError``."""
+    return {"client": client_ids[k] if client_ids is not None else k, "position": k}
+
+
 def normalize_weights(weights, num_clients: int, *, client_ids: Optional[Sequence] = None) -> Tensor:
     """Validate raw weights (sample counts, or any non-negative numbers) and return ``p`` with Σ p = 1."""
     w = torch.as_tensor(weights, dtype=torch.float64).flatten()
@@ -33,9 +47,9 @@ def normalize_weights(weights, num_clients: int, *, client_ids: Optional[Sequenc
         raise UpdateError(f"got {w.numel()} weights for {num_clients} client updates; pass one weight per client")
     for k in range(num_clients):
         if not torch.isfinite(w[k]):
-            raise UpdateError(f"{_who(k, client_ids)} has a non-finite weight {float(w[k])}; weights must be finite")
+            raise UpdateError(f"{_who(k, client_ids)} has a non-finite weight {float(w[k])}; weights must be finite", **_at(k, client_ids))
         if w[k] < 0:
-            raise UpdateError(f"{_who(k, client_ids)} has a negative weight {float(w[k])}; weights must be >= 0")
+            raise UpdateError(f"{_who(k, client_ids)} has a negative weight {float(w[k])}; weights must be >= 0", **_at(k, client_ids))
     total = float(w.sum())
     if total <= 0:
         raise UpdateError("all client weights are zero; at least one client must carry weight (e.g. its sample count)")
@@ -58,31 +72,50 @@ def validate_updates(state: GlobalMatrix, updates: Sequence[ClientUpdate], train
     for k, u in enumerate(updates):
         who = f"{name}: {_who(k, client_ids)}"
         if not isinstance(u, ClientUpdate):
-            raise UpdateError(f"{who} sent a {type(u).__name__}, expected fedlora.ClientUpdate")
+            raise UpdateError(f"{who} sent a {type(u).__name__}, expected fedlora.ClientUpdate", **_at(k, client_ids))
         sent = set(u.fields())
         if sent != want:
             raise UpdateError(f"{who} sent {sorted(sent) or 'nothing'} but this round trains {sorted(want)}; "
-                              f"send exactly the trained factors")
+                              f"send exactly the trained factors", **_at(k, client_ids))
         for field, t in u.fields().items():
             if not torch.is_floating_point(t):
-                raise UpdateError(f"{who}: {field} has dtype {t.dtype}; send floating-point tensors")
+                raise UpdateError(f"{who}: {field} has dtype {t.dtype}; send floating-point tensors", **_at(k, client_ids))
             if not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise NonFiniteUpdateError(f"{who}: {field} has {bad} NaN/Inf entries; the client diverged, "
-                                           "lower its learning rate")
+                                           "lower its learning rate", **_at(k, client_ids))
         if u.W is not None and tuple(u.W.shape) != (m, n):
-            raise UpdateError(f"{who}: W has shape {tuple(u.W.shape)}, expected ({m}, {n})")
+            raise UpdateError(f"{who}: W has shape {tuple(u.W.shape)}, expected ({m}, {n})", **_at(k, client_ids))
         if u.A is not None:
             if u.A.ndim != 2 or u.A.shape[1] != n:
-                raise UpdateError(f"{who}: A has shape {tuple(u.A.shape)}, expected (r, {n}) for a {m}×{n} weight")
+                raise UpdateError(f"{who}: A has shape {tuple(u.A.shape)}, expected (r, {n}) for a {m}×{n} weight", **_at(k, client_ids))
             if g_rank is not None and u.A.shape[0] != g_rank:
-                raise UpdateError(f"{who}: A has rank {u.A.shape[0]}, the global adapter has rank {g_rank}")
+                raise UpdateError(f"{who}: A has rank {u.A.shape[0]}, the global adapter has rank {g_rank}", **_at(k, client_ids))
         if u.B is not None:
             if u.B.ndim != 2 or u.B.shape[0] != m:
-                raise UpdateError(f"{who}: B has shape {tuple(u.B.shape)}, expected ({m}, r) for a {m}×{n} weight")
+                raise UpdateError(f"{who}: B has shape {tuple(u.B.shape)}, expected ({m}, r) for a {m}×{n} weight", **_at(k, client_ids))
             if g_rank is not None and u.B.shape[1] != g_rank:
-                raise UpdateError(f"{who}: B has rank {u.B.shape[1]}, the global adapter has rank {g_rank}")
+                raise UpdateError(f"{who}: B has rank {u.B.shape[1]}, the global adapter has rank {g_rank}", **_at(k, client_ids))
         if u.A is not None and u.B is not None and u.A.shape[0] != u.B.shape[1]:
-            raise UpdateError(f"{who}: A has rank {u.A.shape[0]} but B has rank {u.B.shape[1]}")
+            raise UpdateError(f"{who}: A has rank {u.A.shape[0]} but B has rank {u.B.shape[1]}", **_at(k, client_ids))
         if not per_client_rank and state.lora is not None and u.scale != state.lora.scale:
-            raise UpdateError(f"{who}: scale {u.scale} differs from the global's {state.lora.scale}; use one alpha/r")
+            raise UpdateError(f"{who}: scale {u.scale} differs from the global's {state.lora.scale}; use one alpha/r", **_at(k, client_ids))
+
+
+def validate_dense(state: Tensor, updates: Sequence, *, client_ids: Optional[Sequence] = None,
+                   name: str = "parameter") -> None:
+    """A dense parameter (a task head, say) as sent by each client: a finite floating-point tensor of
+    the global's shape."""
+    if len(updates) == 0:
+        raise UpdateError(f"{name}: no client updates in this round; sample at least one client")
+    for k, t in enumerate(updates):
+        who = f"{name}: {_who(k, client_ids)}"
+        if not isinstance(t, Tensor):
+            raise UpdateError(f"{who} sent a {type(t).__name__}, expected a torch.Tensor", **_at(k, client_ids))
+        if not torch.is_floating_point(t):
+            raise UpdateError(f"{who}: dtype {t.dtype}; send floating-point tensors", **_at(k, client_ids))
+        if tuple(t.shape) != tuple(state.shape):
+            raise UpdateError(f"{who}: shape {tuple(t.shape)}, expected {tuple(state.shape)}", **_at(k, client_ids))
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteUpdateError(f"{who}: {int((~torch.isfinite(t)).sum())} NaN/Inf entries; the client "
+                                       "diverged, lower its learning rate", **_at(k, client_ids))

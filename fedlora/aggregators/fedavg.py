@@ -22,5 +22,5 @@ def fedavg(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx:
     return Aggregated(state=GlobalMatrix(lora=lora, base=state.base, W=state.W), broadcast={"A": A, "B": B})
 
 
-register(Rule(name="fedavg", aggregate=fedavg, trains=lambda t: "AB", exact=False,
+register(Rule(name="fedavg", linear=True, aggregate=fedavg, trains=lambda t: "AB", exact=False,
               paper="Zhang et al. 2024, FedIT (arXiv:2305.05644)"))

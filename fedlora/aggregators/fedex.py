@@ -8,7 +8,7 @@ from torch import Tensor
 import torch
 
 from ..factors import ClientUpdate, GlobalMatrix, LoRAFactors, LowRank
-from ..linalg import compress, weighted_sum
+from ..linalg import compress, merge_into_base, weighted_sum
 from .registry import Aggregated, RoundContext, Rule, register
 
 
@@ -35,18 +35,17 @@ def fedex_residual(updates: Sequence[ClientUpdate], p: Tensor, scale: float, A_b
 def fedex(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: RoundContext) -> Aggregated:
     """``Ā = Σ p_k A_k``, ``B̄ = Σ p_k B_k``, ``W0 ← W0 + s (Σ p_k B_k A_k − B̄ Ā)``: exact.
 
-    The frozen-weight correction accumulates in ``state.base`` (factored, re-compressed); the
+    The frozen-weight correction accumulates in ``state.base`` (factored and re-compressed while that
+    is smaller than m × n, dense after: ``fedlora.linalg.merge_into_base``); the
     broadcast carries this round's residual factors, never a dense m × n matrix.
     """
     s = state.lora.scale
     A = weighted_sum([u.A for u in updates], p)  # (r, n)
     B = weighted_sum([u.B for u in updates], p)  # (m, r)
     R = fedex_residual(updates, p, s, A, B)
-    if state.base is None:
-        base = R
-    else:
-        acc = state.base + R  # exact concatenation, then back to its numerical rank
-        base = LowRank(*compress(acc.U, acc.V))
+    # the first residual is kept as fedex_residual left it; later ones are concatenated, re-compressed
+    # to their numerical rank, and held dense once that is smaller (the base must not grow without bound)
+    base = merge_into_base(state.base, R, recompress=state.base is not None)
     new = GlobalMatrix(lora=LoRAFactors(A=A, B=B, scale=s), base=base, W=state.W)
     return Aggregated(state=new, broadcast={"A": A, "B": B, "residual_U": R.U, "residual_V": R.V})
 

@@ -20,5 +20,5 @@ def ffa(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: Ro
     return Aggregated(state=GlobalMatrix(lora=lora, base=state.base, W=state.W), broadcast={"B": B})
 
 
-register(Rule(name="ffa", aggregate=ffa, trains=lambda t: "B", exact=True,
+register(Rule(name="ffa", linear=True, aggregate=ffa, trains=lambda t: "B", exact=True,
               paper="Sun et al. 2024, FFA-LoRA (arXiv:2403.12313)"))

@@ -16,8 +16,9 @@ def full(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: R
     return Aggregated(state=GlobalMatrix(lora=state.lora, base=state.base, W=W), broadcast={"W": W})
 
 
-register(Rule(name="full", aggregate=full, trains=lambda t: "W", exact=True,
+register(Rule(name="full", linear=True, aggregate=full, trains=lambda t: "W", exact=True,
               paper="McMahan et al. 2017 (FedAvg); recommended by the gradient-subspace study"))
 # Same server math; clients use GaLore (Zhao et al., ICML 2024) as the local optimizer.
-register(Rule(name="full-galore", aggregate=full, trains=lambda t: "W", exact=True, local_optimizer="galore",
+register(Rule(name="full-galore", linear=True, aggregate=full, trains=lambda t: "W", exact=True,
+              local_optimizer="galore",
               paper="Zhao et al. 2024, GaLore (arXiv:2403.03507) as local optimizer"))

@@ -56,6 +56,9 @@ class Rule:
     client_view: Callable[..., GlobalMatrix] = _same_view
     per_client_rank: bool = False  # clients may have different ranks r_k
     chain: bool = False  # clients train one after another from the previous client's result (ablation)
+    # aggregate depends on the updates only through Σ p_k u_k (fedavg, ffa, rolora, full): the loop may
+    # then fold each finished client into a running weighted sum instead of holding all of them
+    linear: bool = False
     local_optimizer: str = "default"  # "galore" for full-galore
     downlink_bytes: Optional[Callable[[Aggregated, int], int]] = None  # (aggregated, r_k) -> bytes
 

@@ -26,9 +26,9 @@ def rolora(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx:
     return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=A, B=old.B, scale=old.scale), base=state.base), broadcast={"A": A})
 
 
-register(Rule(name="rolora", aggregate=rolora, trains=rolora_trains, exact=True,
+register(Rule(name="rolora", linear=True, aggregate=rolora, trains=rolora_trains, exact=True,
               paper="Chen et al. 2024, RoLoRA (arXiv:2409.02346)"))
 # The released RoLoRA code shares one model object between clients, so client k starts from client
 # k-1's trained factor: sequential training. Same server math; the round loop chains the clients.
-register(Rule(name="rolora-chain", aggregate=rolora, trains=rolora_trains, exact=True, chain=True,
+register(Rule(name="rolora-chain", linear=True, aggregate=rolora, trains=rolora_trains, exact=True, chain=True,
               paper="ablation of the released RoLoRA code's shared-model confound"))
