@@ -1,0 +1,102 @@
+"""The frozen-layer cache: when LoRA sits only in blocks ``L0…`` of an encoder, blocks ``0…L0−1`` and
+the embeddings compute the same hidden states for a row in every round, so they run once per row.
+
+Like the MNIST toy's frozen-feature cache, one level up. Exactness: the cached rows are computed in
+eval mode (no dropout in the frozen blocks; the adapted blocks above keep theirs), and a row's hidden
+states at its real tokens do not depend on how far its batch is padded, so a cached forward equals
+the full forward at every real position (tested to float tolerance).
+
+Mechanics: the base model's ``embeddings`` module is swapped for a lookup that returns the cached
+batch, and its block list for the blocks ``L0…``; the whole model's forward (masks, pooler, head)
+runs unchanged. ``active()`` switches this on only for the duration of a forward.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FrozenLayerCache", "cache_eligible"]
+
+
+def cache_eligible(*, kind: str, layers: Sequence[int], family: str) -> bool:
+    """Encoders (BERT, RoBERTa) with LoRA only from block ``min(layers) > 0`` on."""
+    return kind == "classification" and bool(layers) and min(layers) > 0 and family in ("bert", "roberta")
+
+
+class _Lookup(nn.Module):
+    """Stands in for the embeddings: returns the hidden states ``set`` for the current batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.current: Tensor | None = None
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.current
+
+
+class FrozenLayerCache:
+    def __init__(self, base_model: nn.Module, *, first_adapted: int, dtype: torch.dtype = torch.float32):
+        self.encoder_model = getattr(base_model, base_model.base_model_prefix)  # e.g. model.bert
+        self.L0 = first_adapted
+        self.dtype = dtype
+        self.rows: dict[str, list[Tensor]] = {}  # split -> per-row (T_i, H) hidden states entering block L0
+        self._lookup = _Lookup()
+
+    @torch.no_grad()
+    def build(self, split: str, batches, *, progress: bool = False) -> None:
+        """Run the frozen blocks once over ``batches`` (dicts from ``collate_classification`` plus
+        ``rows``) in eval mode and keep each row's hidden states at its real tokens."""
+        m = self.encoder_model
+        was = m.training
+        m.eval()
+        out: dict[int, Tensor] = {}
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(batches, desc=f"cache {split}", leave=False)
+        for b in it:
+            kw = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+            hs = self._run_frozen(kw)  # (b, T, H)
+            for i, row in enumerate(b["rows"].tolist()):
+                n = int(b["attention_mask"][i].sum())
+                out[row] = hs[i, :n].to(self.dtype).clone()
+        m.train(was)
+        self.rows[split] = [out[i] for i in range(len(out))]
+
+    def _run_frozen(self, kw) -> Tensor:
+        layers = self.encoder_model.encoder.layer
+        self.encoder_model.encoder.layer = nn.ModuleList(list(layers)[:self.L0])
+        try:
+            return self.encoder_model(**kw).last_hidden_state
+        finally:
+            self.encoder_model.encoder.layer = layers
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for rows in self.rows.values() for t in rows)
+
+    def batch(self, split: str, rows: np.ndarray, T: int) -> Tensor:
+        hs = self.rows[split]
+        H = hs[rows[0]].shape[-1]
+        out = torch.zeros(len(rows), T, H, dtype=torch.float32)  # (b, T, H); padded positions are masked keys
+        for i, r in enumerate(rows):
+            h = hs[r]
+            out[i, :h.shape[0]] = h
+        return out
+
+    @contextmanager
+    def active(self, split: str, rows: np.ndarray, T: int, device):
+        """Inside, a forward of the model reads blocks ``< L0`` from the cache for these rows."""
+        m = self.encoder_model
+        emb, layers = m.embeddings, m.encoder.layer
+        self._lookup.current = self.batch(split, rows, T).to(device)
+        m.embeddings, m.encoder.layer = self._lookup, nn.ModuleList(list(layers)[self.L0:])
+        try:
+            yield
+        finally:
+            m.embeddings, m.encoder.layer = emb, layers
+            self._lookup.current = None

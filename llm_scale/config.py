@@ -1,0 +1,138 @@
+"""The LLM tier's experiment config: one frozen dataclass; TOML files (``llm_scale/configs/``) and CLI
+flags override it, and an unknown key is an error that lists the valid ones."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from fedlora import rule_names
+from fedlora.config import ConfigError, from_mapping
+
+__all__ = ["LLMConfig", "CENTRALISED", "METHODS", "CONFIG_DIR", "load_config", "config_names"]
+
+CENTRALISED = "centralised"  # one client holding all the training data: the ceiling of every rule
+METHODS = tuple(rule_names()) + (CENTRALISED,)
+CONFIG_DIR = Path(__file__).parent / "configs"
+TASKS = ("tweets", "table", "glue-sst2", "glue-qnli", "glue-mnli", "glue-qqp", "glue-rte", "commonsense")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Federated LoRA on a real pretrained transformer (``transformers`` + ``peft``)."""
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = "minilm"  # minilm | smollm2 | tiny-roberta | tiny-llama | tiny-gpt2 | a local HF model folder
+    kind: str = "classification"  # "classification" (a sequence-classification head) or "causal" (label words scored by log-likelihood)
+    targets: tuple[str, ...] = ()  # LoRA target module names; () = the family's default (query/value, q_proj/v_proj, c_attn)
+    layers: tuple[int, ...] = ()  # adapted transformer blocks; () = all. The RoBERTa-Large settings adapt only the top ones
+    rank: int = 8
+    lora_alpha: float = 16.0  # s = lora_alpha / rank (rsLoRA: / √rank)
+    rslora: bool = False
+    lora_dropout: float = 0.0
+    client_ranks: tuple[int, ...] = ()  # flexlora / flora: per-client ranks, cycled over clients; () = rank for all
+    head: str = "federated"  # the task head: "federated" (trained, averaged), "local" (kept per client) or "frozen"
+    # --- data ----------------------------------------------------------------------------------
+    task: str = "tweets"  # tweets | table | glue-sst2 | glue-qnli | glue-mnli | glue-qqp | glue-rte | commonsense
+    data_path: str = ""  # table: a CSV/TSV/JSONL file; glue-*: a folder of GLUE TSVs ("" = the `datasets` hub); commonsense: a JSONL file
+    commonsense_task: str = ""  # boolq | piqa | siqa | hellaswag | winogrande | arc-e | arc-c | obqa (task = "commonsense")
+    text_column: str = "text"
+    text_b_column: str = ""
+    label_column: str = "label"
+    max_length: int = 64  # tokens; 64 covers 99.5% of the tweets
+    test_fraction: float = 0.1  # tweets / table: a seeded stratified test split (GLUE: the dev set is the test set)
+    val_fraction: float = 0.0  # held out of training for learning-rate tuning; 0 = none
+    train_subset: int = 0  # > 0: train on a seeded subset of this many rows (tests, quick runs)
+    test_subset: int = 0  # > 0: evaluate on a seeded subset of this many rows
+    # --- federation --------------------------------------------------------------------------------
+    method: str = "fedavg"  # a fedlora rule, or "centralised"
+    clients: int = 3
+    partition: str = "iid"  # iid | dirichlet | shards (disjoint, total_samples in all, whatever the number of clients)
+    dirichlet_alpha: float = 0.5
+    total_samples: int = 0  # shards: the fixed sample budget shared by the clients; 0 = all training rows
+    rounds: int = 10
+    clients_per_round: float = 1.0  # a fraction in (0, 1] or a whole count
+    local_steps: int = 20  # mini-batch steps per client per round (the papers' 20)
+    batch_size: int = 16
+    optimizer: str = "adamw"  # "sgd" (the RoBERTa settings) or "adamw"; state is fresh every round
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    galore_rank: int = 16  # full-galore: GaLoreAdamW's projection rank, refresh gap, scale, projector type
+    galore_update_proj_gap: int = 50
+    galore_scale: float = 0.25
+    galore_proj_type: str = "std"
+    seed: int = 0
+    eval_every: int = 1
+    # --- compute -----------------------------------------------------------------------------------
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    threads: int = 1  # torch threads on CPU: 1 is fastest for these small ops on a shared 2-core machine
+    bf16: bool = False  # bf16 autocast for the forward/backward (weights and factors stay float32)
+    cache_frozen_layers: bool = True  # classification with LoRA only in top layers: cache the frozen layers' output once
+    length_grouped: bool = True  # batch rows of similar length together (less padding, same data per step)
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(msg)
+
+        if self.method not in METHODS:
+            bad(f"method={self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.kind not in ("classification", "causal"):
+            bad(f"kind={self.kind!r}; use 'classification' or 'causal'")
+        if self.task not in TASKS:
+            bad(f"task={self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.task == "commonsense" and self.kind != "causal":
+            bad("task='commonsense' is scored by answer log-likelihood: set kind='causal' and a causal model")
+        if self.task in ("table", "commonsense") and not self.data_path:
+            bad(f"task={self.task!r} needs data_path (a file); e.g. --data-path my.csv")
+        if self.head not in ("federated", "local", "frozen"):
+            bad(f"head={self.head!r}; use 'federated', 'local' or 'frozen'")
+        if self.partition not in ("iid", "dirichlet", "shards"):
+            bad(f"partition={self.partition!r}; use iid, dirichlet or shards")
+        if self.optimizer not in ("sgd", "adamw"):
+            bad(f"optimizer={self.optimizer!r}; use 'sgd' or 'adamw'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad(f"device={self.device!r}; use auto, cpu or cuda")
+        for name in ("rank", "clients", "rounds", "local_steps", "batch_size", "threads", "max_length", "eval_every"):
+            if getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)}; must be >= 1")
+        if any(r < 1 for r in self.client_ranks):
+            bad(f"client_ranks={self.client_ranks}; every rank must be >= 1")
+        if self.lr <= 0 or self.lora_alpha <= 0:
+            bad("lr and lora_alpha must be > 0")
+        if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:
+            bad("test_fraction must be in (0, 1) and val_fraction in [0, 1)")
+
+    def rank_of(self, client: int) -> int:
+        return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.rank
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.client_ranks) if self.client_ranks else self.rank
+
+
+def config_names() -> list[str]:
+    """The shipped configs (``llm_scale/configs/*.toml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_config(name_or_path: str | Path | None = None, **overrides) -> LLMConfig:
+    """A shipped config by name (``cpu-minilm-tweets``) or a TOML file, then keyword overrides
+    (``None`` values are ignored); lists become tuples."""
+    data: dict = {}
+    if name_or_path:
+        path = Path(name_or_path)
+        if not path.suffix and (CONFIG_DIR / f"{name_or_path}.toml").exists():
+            path = CONFIG_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise ConfigError(f"no config {str(name_or_path)!r}: give a TOML file or one of {', '.join(config_names())}")
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    valid = {f.name for f in fields(LLMConfig)}
+    data = {k: tuple(v) if isinstance(v, list) and k in valid else v for k, v in data.items()}
+    return from_mapping(LLMConfig, data)
+
+
+def describe(cfg: LLMConfig) -> str:
+    work = f"{cfg.rounds} rounds × {cfg.local_steps} steps × batch {cfg.batch_size}"
+    return f"{cfg.method} on {cfg.model}/{cfg.task}, {cfg.clients} clients ({cfg.partition}), r={cfg.rank}, {work}"
+

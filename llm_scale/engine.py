@@ -1,0 +1,271 @@
+"""Local training and evaluation of real transformers for the round loop.
+
+One base model in memory for every client: ``Federation`` builds it once (peft-wrapped, with the
+frozen-layer cache when it applies), and each client's ``local_train`` copies its view into the
+adapter (``AdapterBridge.load``), runs ``local_steps`` seeded mini-batch steps, and reads back what it
+trained. ``full`` / ``full-galore`` clients train the targeted dense weights of the same model.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora import GlobalMatrix, init_lora
+from fedlora.loop import ClientResult, ClientTask
+from fedlora.partition import make_partition
+from fedlora.seeding import derive_seed, generator
+
+from .batches import (Encoded, batch_plan, choice_logprob, collate_choices, collate_classification,
+                      encode_choices, encode_classification, PROMPT_SUFFIX)
+from .bridge import AdapterBridge, lora_scale
+from .cache import FrozenLayerCache, cache_eligible
+from .commonsense import MultipleChoice
+from .config import CENTRALISED, LLMConfig
+from .models import load_model
+from .tasks import Splits, load_splits
+
+__all__ = ["Federation", "pick_device"]
+
+PER_CLIENT_RANK = ("flexlora", "flora")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fedlora.config import ConfigError
+
+        raise ConfigError("device='cuda' but torch sees no GPU; use device='auto' or 'cpu'")
+    return torch.device(name)
+
+
+class Federation:
+    """Everything a run needs, built once: data, tokens, partition, model, bridge, cache."""
+
+    def __init__(self, cfg: LLMConfig, *, splits: Optional[Splits] = None, progress: bool = False,
+                 tiny: Optional[dict] = None):
+        from peft import LoraConfig, get_peft_model
+
+        self.cfg = cfg
+        if cfg.threads and not torch.cuda.is_available():
+            torch.set_num_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        self.splits = splits if splits is not None else load_splits(cfg)
+        self.multiple_choice = isinstance(self.splits.train, MultipleChoice)
+        num_labels = None if cfg.kind == "causal" else len(self.splits.train.label_names)
+        model, self.tokenizer, self.spec = load_model(cfg.model, kind=cfg.kind, num_labels=num_labels,
+                                                      seed=derive_seed(cfg.seed, "model"), tiny=tiny)
+        targets = list(cfg.targets or self.spec.default_targets)
+        self.lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                      layers_to_transform=list(cfg.layers) or None, lora_dropout=cfg.lora_dropout,
+                                      use_rslora=cfg.rslora, fan_in_fan_out=self.spec.fan_in_fan_out,
+                                      modules_to_save=list(self.spec.head_modules) or None)
+        self.model = get_peft_model(model, self.lora_config).to(self.device)
+        self.bridge = AdapterBridge(self.model, lora_config=self.lora_config, head_mode=cfg.head)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.encoded = {name: self._encode(ds) for name, ds in
+                        (("train", self.splits.train), ("test", self.splits.test), ("val", self.splits.val))
+                        if ds is not None}
+        self.lengths = self.encoded["train"].lengths() if cfg.length_grouped else None
+        self.parts = self._partition()
+        self.local_heads: dict[int, dict[str, Tensor]] = {}
+        self.cache: Optional[FrozenLayerCache] = None
+        if cfg.cache_frozen_layers and cache_eligible(kind=cfg.kind, layers=cfg.layers, family=self.spec.family):
+            self._build_cache(progress)
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _encode(self, ds) -> Encoded:
+        cfg = self.cfg
+        if self.multiple_choice:
+            return encode_choices(self.tokenizer, ds.contexts, ds.choices, ds.answers, max_length=cfg.max_length)
+        if cfg.kind == "causal":  # label words as choices, scored by log-likelihood
+            texts = ds.texts if ds.texts_b is None else [f"{a}\n{b}" for a, b in zip(ds.texts, ds.texts_b)]
+            contexts = [t + PROMPT_SUFFIX for t in texts]
+            return encode_choices(self.tokenizer, contexts, [ds.label_names] * len(ds), ds.labels,
+                                  max_length=cfg.max_length)
+        return encode_classification(self.tokenizer, ds.texts, ds.texts_b, ds.labels, max_length=cfg.max_length)
+
+    def _partition(self) -> list[np.ndarray]:
+        cfg = self.cfg
+        labels = self.splits.labels()
+        if cfg.method == CENTRALISED:  # one client holding the whole budget
+            n = cfg.total_samples if cfg.partition == "shards" and cfg.total_samples else len(labels)
+            rows = np.random.default_rng(derive_seed(cfg.seed, "central") % 2**32).permutation(len(labels))[:n]
+            return [np.sort(rows)]
+        part = make_partition(cfg.partition, labels, cfg.clients, seed=cfg.seed, alpha=cfg.dirichlet_alpha,
+                              total=cfg.total_samples or None)
+        self.partition_summary = part.summary
+        return part.indices
+
+    def _build_cache(self, progress: bool) -> None:
+        base = self.model.get_base_model()
+        self.cache = FrozenLayerCache(base, first_adapted=min(self.cfg.layers))
+        for split, enc in self.encoded.items():
+            order = np.arange(len(enc))
+            batches = []
+            for i in range(0, len(enc), 64):
+                rows = order[i:i + 64]
+                b = collate_classification(enc, rows, pad_id=self.pad_id)
+                b = {k: v.to(self.device) for k, v in b.items() if k != "labels"}
+                b["rows"] = torch.as_tensor(rows)
+                batches.append(b)
+            self.cache.build(split, batches, progress=progress)
+
+    # ---- the loop's state ----------------------------------------------------------------------------
+    @property
+    def rule(self) -> str:
+        return "fedavg" if self.cfg.method == CENTRALISED else self.cfg.method
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.parts)
+
+    def init_state(self) -> dict:
+        """The common start: for LoRA rules ``A`` from a seeded init per matrix (FFA's frozen A is this
+        one shared draw), ``B = 0``; for full rules the pretrained weights; plus the head if federated."""
+        cfg, state = self.cfg, {}
+        r0 = cfg.max_rank if self.rule == "flexlora" else cfg.rank  # the global holds the largest client rank
+        for name in self.bridge.names:
+            m, n = self.bridge.shape(name)
+            if self.rule.startswith("full"):
+                state[name] = GlobalMatrix(W=self.bridge.frozen_weight(name).detach().clone().float())
+            else:
+                s = lora_scale(cfg.lora_alpha, r0, rslora=cfg.rslora)
+                state[name] = GlobalMatrix(lora=init_lora(m, n, r0, scale=s, generator=generator(cfg.seed, "init", name)))
+        if self.rule.startswith("full"):
+            self.bridge.keep_pristine()
+        state.update(self.bridge.init_head())
+        return state
+
+    def client_ranks(self) -> tuple[Optional[list[int]], Optional[list[float]]]:
+        if self.rule not in PER_CLIENT_RANK:
+            return None, None
+        ranks = [self.cfg.rank_of(c) for c in range(self.num_clients)]
+        return ranks, [lora_scale(self.cfg.lora_alpha, r, rslora=self.cfg.rslora) for r in ranks]
+
+    def on_round_start(self, t: int, state: Mapping) -> None:
+        self.bridge.merge_bases(state)
+
+    # ---- one client ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _optimizer(self, params: list, task: ClientTask):
+        cfg = self.cfg
+        if task.local_optimizer == "galore":
+            from galore_torch import GaLoreAdamW
+
+            mats = [p for p in params if p.ndim == 2 and any(p is self._base_weight(n) for n in self.bridge.names)]
+            rest = [p for p in params if all(p is not q for q in mats)]
+            groups = [{"params": rest}] if rest else []
+            # GaLore projects only the groups that carry these keys; without them it is plain AdamW
+            groups.append({"params": mats, "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_proj_gap,
+                           "scale": cfg.galore_scale, "proj_type": cfg.galore_proj_type})
+            return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _base_weight(self, name: str):
+        return self.bridge.layers[name].get_base_layer().weight
+
+    def _steps(self) -> int:
+        cfg = self.cfg
+        return cfg.local_steps * cfg.clients if cfg.method == CENTRALISED else cfg.local_steps
+
+    def local_train(self, task: ClientTask) -> ClientResult:
+        torch.manual_seed(derive_seed(task.seed, "dropout"))  # dropout masks: seeded per client-round
+        params = self.bridge.load(task.start, trains=task.trains, local=task.local)
+        opt = self._optimizer(params, task)
+        rows = self.parts[task.client]
+        plan = batch_plan(rows, steps=self._steps(), batch_size=self.cfg.batch_size, seed=task.seed,
+                          lengths=self.lengths)
+        self.model.train()
+        losses = []
+        for batch_rows in plan:
+            loss = self.loss("train", batch_rows)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        for p in params:
+            p.requires_grad_(False)
+        out = self.bridge.read(task.trains, task.start)
+        local = self.bridge.local_head()
+        if local:
+            self.local_heads[task.client] = local
+        return ClientResult(params=out, num_samples=len(rows), metrics={"train_loss": float(np.mean(losses))},
+                            local=local)
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def _forward(self, split: str, rows: np.ndarray, batch: dict) -> Tensor:
+        kw = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        with self._autocast():
+            if self.cache is not None and self.cfg.kind == "classification":
+                with self.cache.active(split, rows, kw["input_ids"].shape[1], self.device):
+                    return self.model(**kw).logits
+            return self.model(**kw).logits
+
+    def loss(self, split: str, rows: np.ndarray) -> Tensor:
+        enc = self.encoded[split]
+        if enc.choices is None:
+            b = collate_classification(enc, rows, pad_id=self.pad_id)
+            logits = self._forward(split, rows, b)  # (b, C)
+            return torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(self.device))
+        b = collate_choices(enc, rows, pad_id=self.pad_id, gold_only=True)
+        logits = self._forward(split, rows, b)  # (b, T, V)
+        tgt = b["targets"].to(self.device)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def predict(self, split: str, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """Predicted class / choice per row, and the summed loss (cross-entropy of the gold answer)."""
+        enc = self.encoded[split]
+        if enc.choices is None:
+            b = collate_classification(enc, rows, pad_id=self.pad_id)
+            logits = self._forward(split, rows, b).float()
+            loss = torch.nn.functional.cross_entropy(logits, b["labels"].to(self.device), reduction="sum")
+            return logits.argmax(-1).cpu().numpy(), float(loss)
+        b = collate_choices(enc, rows, pad_id=self.pad_id, gold_only=False)
+        scores = choice_logprob(self._forward(split, rows, b), b["targets"].to(self.device)).cpu()  # (S,)
+        pred, loss = [], 0.0
+        owner = b["owner"]
+        for i in rows:
+            mine = owner[:, 0] == int(i)
+            s = scores[mine]
+            pred.append(int(owner[mine][s.argmax(), 1]))
+            loss -= float(torch.log_softmax(s, 0)[int(enc.labels[i])])  # the gold choice among the choices
+        return np.asarray(pred), loss
+
+    def accuracy(self, split: str, batch_size: int = 64) -> dict[str, float]:
+        enc = self.encoded[split]
+        order = np.argsort(enc.lengths(), kind="stable")  # length-sorted: less padding, same result
+        self.model.eval()
+        correct, loss = 0, 0.0
+        bs = batch_size if enc.choices is None else max(1, batch_size // 4)
+        for i in range(0, len(order), bs):
+            rows = order[i:i + bs]
+            pred, l = self.predict(split, rows)
+            correct += int((pred == enc.labels[rows]).sum())
+            loss += l
+        return {f"{split}_accuracy": correct / len(order), f"{split}_loss": loss / len(order)}
+
+    def evaluate(self, t: int, state: Mapping, *, splits=("test",)) -> dict[str, float]:
+        """The global model on the test split (and ``val`` when held out). A ``local`` head has no
+        global counterpart: each client's own head is scored and the mean reported (personalised)."""
+        out: dict[str, float] = {}
+        splits = tuple(s for s in splits if s in self.encoded) + (("val",) if "val" in self.encoded and "val" not in splits else ())
+        heads = list(self.local_heads.values()) if self.cfg.head == "local" and self.local_heads else [None]
+        for split in splits:
+            accs = []
+            for head in heads:
+                self.bridge.load(state, trains="", local=head)
+                accs.append(self.accuracy(split))
+            out.update({k: float(np.mean([a[k] for a in accs])) for k in accs[0]})
+        return out
