@@ -50,7 +50,7 @@ class Federation:
                  tiny: Optional[dict] = None):
         from peft import LoraConfig, get_peft_model
 
-        self.cfg = cfg
+        self.cfg, self.tiny = cfg, tiny
         if cfg.threads and not torch.cuda.is_available():
             torch.set_num_threads(cfg.threads)
         self.device = pick_device(cfg.device)

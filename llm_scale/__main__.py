@@ -1,0 +1,123 @@
+"""Command line of the LLM tier.
+
+    python -m llm_scale --config cpu-minilm-tweets --method rolora --clients 3 --rank 8 --seed 0 --out DIR
+    python -m llm_scale --config my.toml --set lr=1e-3 --set layers=[3,4,5] --out DIR --export DIR/adapter
+    python -m llm_scale --quick --out results/reproduce/llm_scale   # what `make reproduce` runs (minutes)
+
+``--config`` takes a shipped config name (``llm_scale/configs/*.toml``) or a TOML file; every
+``LLMConfig`` field can be overridden with ``--set key=value`` (TOML value syntax). One JSON per run goes
+to ``DIR/<method>_<model>_..._seed<seed>.json``; ``--checkpoint-dir`` with ``--resume`` continues an
+interrupted run from its last round; ``--export`` writes the final global for ``PeftModel.from_pretrained``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+QUICK_METHODS = ("fedavg", "ffa", "rolora")
+QUICK = dict(clients=3, rounds=6, local_steps=10, eval_every=3, train_subset=3000, test_subset=500,
+             layers=(3, 4, 5))  # LoRA on the top 3 of 6 blocks: the frozen-layer cache pays for the rest
+
+
+def _parse_set(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"error: --set {item!r}: write KEY=VALUE, e.g. --set lr=1e-3")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value  # a bare string
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fedlora import rule_names
+
+    from .config import CENTRALISED, config_names
+
+    ap = argparse.ArgumentParser(prog="python -m llm_scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="cpu-minilm-tweets", help=f"a TOML file or one of: {', '.join(config_names())}")
+    ap.add_argument("--method", choices=rule_names() + [CENTRALISED], help="the server rule (or centralised)")
+    ap.add_argument("--clients", type=int)
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field")
+    ap.add_argument("--out", type=Path, required=True, help="directory for the run's JSON")
+    ap.add_argument("--checkpoint-dir", type=Path)
+    ap.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    ap.add_argument("--export", type=Path, metavar="DIR", help="save the final global model (peft save_pretrained)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the quick reproduction: MiniLM on the tweets, 3 clients, rules {', '.join(QUICK_METHODS)}")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from fedlora.config import ConfigError
+
+    from .config import load_config
+    from .data import DataError
+    from .models import ModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {**_parse_set(args.set), "method": args.method, "clients": args.clients, "rank": args.rank,
+                     "seed": args.seed}
+        if args.quick:
+            return _quick(args, overrides)
+        if args.resume and args.checkpoint_dir is None:
+            raise ConfigError("--resume needs --checkpoint-dir (where the interrupted run wrote its checkpoints)")
+        cfg = load_config(args.config, **overrides)
+        from .run import run, run_filename
+
+        out = args.out / run_filename(cfg)
+        rec = run(cfg, out=out, checkpoint_dir=args.checkpoint_dir, resume=args.resume, export_dir=args.export,
+                  progress=not args.no_progress)
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _report(rec, out)
+    return 0
+
+
+def _report(rec: dict, out: Path) -> None:
+    acc = rec["final_test_accuracy"]
+    acc_s = f"{acc:.4f}" if acc is not None else f"none (diverged: {rec['diverged']})"
+    print(f"{rec['method']} {rec['model']} {rec['task']} {rec['clients']} clients r{rec['rank']} seed {rec['seed']}: "
+          f"test accuracy {acc_s}, {rec['client_steps']} client-steps in {rec['train_seconds']:.0f} s "
+          f"({rec['client_steps_per_minute'] or 0:.0f}/min), peak {rec['peak_rss_mib']:.0f} MiB -> {out}")
+
+
+def _quick(args, overrides) -> int:
+    """Three rules on one federation: the model, data and cache are built once and shared."""
+    import dataclasses
+
+    from .config import load_config
+    from .engine import Federation
+    from .run import run, run_filename
+
+    base = load_config(args.config, **{**QUICK, **{k: v for k, v in overrides.items() if k != "method"}})
+    fed = None
+    for method in QUICK_METHODS:
+        cfg = dataclasses.replace(base, method=method)
+        if fed is None:
+            fed = Federation(cfg, progress=not args.no_progress)
+        else:  # same data, model and cache; a fresh adapter state from the same seed
+            fed.cfg = cfg
+        out = args.out / run_filename(cfg)
+        rec = run(cfg, out=out, federation=fed, progress=not args.no_progress)
+        _report(rec, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
