@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= results
 
-.PHONY: venv reproduce test test-all bench bench-quick figures clean-venv
+.PHONY: venv reproduce test test-all bench bench-quick bench-llm figures clean-venv
 
 $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m fedlora.bench --quick --out $(OUT)/bench
+
+bench-llm: $(STAMP)
+	$(BIN)/python -m llm_scale.bench --out $(OUT)/bench
 
 reproduce: $(STAMP)
 	$(BIN)/python -m fedlora.reproduce --out $(OUT)/reproduce

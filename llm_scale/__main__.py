@@ -19,7 +19,7 @@ from pathlib import Path
 QUICK_METHODS = ("fedavg", "ffa", "rolora")
 # ≈150 client-steps per rule: a few minutes on one CPU thread (the cache would not pay here: each row
 # is seen about once)
-QUICK = dict(clients=3, rounds=5, local_steps=10, eval_every=5, train_subset=2400, test_subset=500, lr=1e-3)
+QUICK = dict(clients=3, rounds=5, local_steps=10, eval_every=1, train_subset=2400, test_subset=300, lr=1e-3)
 
 
 def _parse_set(items) -> dict:
