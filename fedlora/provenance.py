@@ -26,6 +26,22 @@ def git_commit(cwd: str | None = None) -> str | None:
         return None
 
 
+def portable_path(value: str) -> str:
+    """An absolute path as the repository-relative or ``~/``-relative form, else its file name: result
+    files must not carry the machine's absolute paths. Anything else is returned unchanged."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for base, prefix in ((os.getcwd(), ""), (root, ""), (os.path.expanduser("~"), "~/")):
+        try:
+            rel = os.path.relpath(value, base)
+        except ValueError:
+            continue
+        if not rel.startswith(".."):
+            return prefix + rel
+    return os.path.basename(value.rstrip("/")) or value
+
+
 def package_versions(names=PACKAGES) -> dict[str, str]:
     out = {}
     for name in names:
@@ -39,7 +55,8 @@ def package_versions(names=PACKAGES) -> dict[str, str]:
 def provenance() -> dict:
     import torch
 
-    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": git_commit(),
+    argv = [portable_path(a) if os.path.isabs(a) else a for a in sys.argv]
+    return {"command": " ".join([os.path.basename(sys.executable)] + argv), "git_commit": git_commit(),
             "packages": package_versions(), "python": platform.python_version(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},

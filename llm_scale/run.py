@@ -13,7 +13,7 @@ import torch
 from fedlora.checkpoint import atomic_write_json
 from fedlora.config import FedConfig
 from fedlora.loop import run_federated
-from fedlora.provenance import provenance
+from fedlora.provenance import portable_path, provenance
 from fedlora.validation import NonFiniteUpdateError
 
 from .config import CENTRALISED, LLMConfig
@@ -73,7 +73,8 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "clients": fed.num_clients, "partition": cfg.partition, "rank": cfg.rank, "seed": cfg.seed, "lr": cfg.lr,
         "rounds_done": len(hist), "complete": len(hist) == cfg.rounds or diverged is not None, "diverged": diverged,
         "final_test_accuracy": last.get("test_accuracy"), "final_val_accuracy": last.get("val_accuracy"),
-        "config": dataclasses.asdict(cfg), "data": fed.splits.summary(),
+        "config": {k: portable_path(v) if k in ("model", "data_path") else v for k, v in dataclasses.asdict(cfg).items()},
+        "data": fed.splits.summary(),
         "partition_summary": {k: v for k, v in getattr(fed, "partition_summary", {}).items() if k != "label_histogram"},
         "client_samples": [int(len(p)) for p in fed.parts],
         "rounds": [{"round": h["round"], "trains": h["trains"], "clients": h["clients"],

@@ -223,6 +223,8 @@ def test_cli_runs_writes_json_and_rejects_bad_input_in_one_line(table, tmp_path,
     rec = json.loads(path.read_text())
     assert rec["rounds_done"] == 1 and rec["final_test_accuracy"] is not None
     assert rec["data"]["source"][0] != "/" and rec["total_uplink_bytes"] > 0
+    assert not rec["config"]["data_path"].startswith("/") and "/" + rec["config"]["data_path"] != str(table)
+    assert str(tmp_path) not in json.dumps(rec)  # no absolute path of this machine in the record
     capsys.readouterr()
     assert main(["--config", "cpu-minilm-tweets", "--set", "rank=0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
