@@ -231,3 +231,28 @@ def test_cli_runs_writes_json_and_rejects_bad_input_in_one_line(table, tmp_path,
     assert err.startswith("error: rank=0") and "\n" not in err
     assert main(["--config", "no-such-config", "--out", str(tmp_path)]) == 2
     assert "cpu-minilm-tweets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head", ["local", "frozen", "federated"])
+def test_head_modes(table, head):
+    """federated: the head is in the state and changes; local: each client keeps its own across rounds
+    (and the loop checkpoints it); frozen: the head never moves."""
+    fed = Federation(_cfg(table, "tiny-roberta", "fedavg", head=head, lr=5e-2))
+    init = {k: v.clone() for k, v in fed.bridge.initial_head.items()}
+    res = _run(fed, rounds=2)
+    heads_in_state = [k for k, v in res.state.items() if isinstance(v, torch.Tensor)]
+    if head == "federated":
+        assert set(heads_in_state) == set(init)
+        assert any(not torch.equal(res.state[k], init[k]) for k in init)
+    else:
+        assert heads_in_state == []
+    if head == "local":
+        assert set(res.client_state) == {0, 1, 2}
+        a, b = res.client_state[0], res.client_state[1]
+        assert any(not torch.equal(a[k], b[k]) for k in a)  # each client trained its own
+        assert any(not torch.equal(a[k], init[k]) for k in a)
+    else:
+        assert res.client_state == {}
+    if head == "frozen":
+        fed.bridge.load(res.state, trains="")
+        assert all(torch.equal(p, init[k]) for k, p in fed.bridge.head_params().items())
