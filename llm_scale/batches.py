@@ -111,20 +111,34 @@ def collate_classification(enc: Encoded, rows: np.ndarray, *, pad_id: int) -> di
 
 def collate_choices(enc: Encoded, rows: np.ndarray, *, pad_id: int, gold_only: bool) -> dict[str, Tensor]:
     """One sequence per (row, choice) — or per row with its gold choice when ``gold_only`` — with
-    ``target`` = the token to predict at each position (``-100`` outside the choice)."""
+    ``target`` = the token to predict at each position (``-100`` outside the choice).
+
+    Sequences are padded on the left, with ``position_ids`` counting real tokens only, so every
+    choice ends at the last position: the scored tokens all sit in the last ``keep`` positions, and
+    the model need only produce logits there (``logits_to_keep``; the LM head over a 49k vocabulary
+    at every position was most of the cost). ``targets`` hold just those ``keep`` positions.
+    """
     seqs, targets, owner = [], [], []
     for i in rows:
         picks = [int(enc.labels[i])] if gold_only else range(len(enc.choices[i]))
         for j in picks:
             ctx, ch = enc.ids[i], enc.choices[i][j]
             seqs.append(ctx + ch)
-            targets.append([-100] * (len(ctx) - 1) + ch + [-100])  # position t predicts token t + 1
+            targets.append(ch)  # predicted by the len(ch) positions before the last token, and the last
             owner.append((int(i), j))
-    ids, mask = _pad(seqs, pad_id)
-    tgt = torch.full(ids.shape, -100, dtype=torch.long)
-    for k, t in enumerate(targets):
-        tgt[k, :len(t)] = torch.as_tensor(t, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "targets": tgt, "owner": torch.as_tensor(owner)}
+    T = max(len(s) for s in seqs)
+    keep = max(len(t) for t in targets) + 1
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    tgt = torch.full((len(seqs), keep), -100, dtype=torch.long)
+    for k, (seq, t) in enumerate(zip(seqs, targets)):
+        ids[k, T - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+        mask[k, T - len(seq):] = 1
+        # position T-1-len(t)+q predicts choice token q; the last position predicts nothing
+        tgt[k, keep - 1 - len(t):keep - 1] = torch.as_tensor(t, dtype=torch.long)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "targets": tgt,
+            "owner": torch.as_tensor(owner), "keep": keep}
 
 
 def choice_logprob(logits: Tensor, targets: Tensor) -> Tensor:

@@ -205,7 +205,10 @@ class Federation:
 
     # ---- forward ---------------------------------------------------------------------------------------
     def _forward(self, split: str, rows: np.ndarray, batch: dict) -> Tensor:
-        kw = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+        kw = {k: v.to(self.device) for k, v in batch.items() if k in keys}
+        if "keep" in batch:  # scored choices: logits only at the last `keep` positions (batches.collate_choices)
+            kw["logits_to_keep"] = batch["keep"]
         with self._autocast():
             if self.cache is not None and self.cfg.kind == "classification":
                 with self.cache.active(split, rows, kw["input_ids"].shape[1], self.device):

@@ -256,3 +256,25 @@ def test_head_modes(table, head):
     if head == "frozen":
         fed.bridge.load(res.state, trains="")
         assert all(torch.equal(p, init[k]) for k, p in fed.bridge.head_params().items())
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_batched_choice_scores_equal_one_sequence_at_a_time(table, model):
+    """Left padding, position ids and logits only at the answer positions give the same
+    Σ log p(choice | context) as an unpadded forward of each sequence alone with the full LM head."""
+    from llm_scale.batches import choice_logprob, collate_choices
+
+    fed = Federation(_cfg(table, model, "fedavg", kind="causal"))
+    fed.model.eval()
+    enc, rows = fed.encoded["test"], np.arange(5)
+    b = collate_choices(enc, rows, pad_id=fed.pad_id, gold_only=False)
+    with torch.no_grad():
+        batched = choice_logprob(fed._forward("test", rows, b), b["targets"])
+        ref = []
+        for i, j in b["owner"].tolist():
+            ctx, ch = enc.ids[i], enc.choices[i][j]
+            logits = fed.model(input_ids=torch.tensor([ctx + ch])).logits[0]  # (T, V)
+            logp = torch.log_softmax(logits.float(), -1)
+            ref.append(sum(float(logp[len(ctx) - 1 + q, tok]) for q, tok in enumerate(ch)))
+    torch.testing.assert_close(batched, torch.tensor(ref), rtol=1e-4, atol=1e-4)
+    assert b["keep"] < b["input_ids"].shape[1]  # fewer logits than positions were computed
