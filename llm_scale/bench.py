@@ -9,7 +9,10 @@
 - ``client_steps_per_minute``: a 3-client round of the engine, end to end.
 - ``cache_gain``: steps a minute with LoRA on the top 3 of 6 blocks, frozen-layer cache on over off.
 
-    python -m llm_scale.bench --out results/bench [--quick]
+    python -m llm_scale.bench --out results/bench [--quick] [--only memory|speed]
+
+``--only`` runs one part and merges it into an existing ``llm.json`` (each part records when, at which
+commit and on what machine it was measured).
 """
 from __future__ import annotations
 
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
     ap.add_argument("--quick", action="store_true", help="fewer rules and steps (a smoke run)")
+    ap.add_argument("--only", choices=("memory", "speed"), help="run one part, merged into an existing report")
     ap.add_argument("--child", nargs=3, metavar=("RULE", "CLIENTS", "STEPS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,33 +132,38 @@ def main(argv=None) -> int:
         return 0
     from fedlora.provenance import provenance
 
-    rules = ("fedavg", "fedex", "full") if a.quick else RULES
-    steps = 1
-    memory = {}
-    for rule in rules:
-        one, fifty = _spawn(rule, 1, 50 * steps), _spawn(rule, 50, steps)
-        memory[rule] = {"memory_ratio_50_vs_1": fifty["peak_rss_mib"] / one["peak_rss_mib"],
-                        "peak_rss_mib_1": one["peak_rss_mib"], "peak_rss_mib_50": fifty["peak_rss_mib"],
-                        "round_seconds_1": one["round_seconds"], "round_seconds_50": fifty["round_seconds"]}
-        print(f"{rule:13s} peak RSS 1 client {one['peak_rss_mib']:.0f} MiB, 50 clients {fifty['peak_rss_mib']:.0f} MiB: "
-              f"{memory[rule]['memory_ratio_50_vs_1']:.3f}x", flush=True)
-    speed = step_ratio(6 if a.quick else 20)
-    print(f"step: ours {speed['step_seconds_ours']:.3f} s, plain peft {speed['step_seconds_plain_peft']:.3f} s: "
-          f"{speed['step_ratio_vs_peft']:.3f}x", flush=True)
-    spm = steps_per_minute(steps=4 if a.quick else 10)
-    top_nocache = steps_per_minute(layers=(3, 4, 5), cache=False, steps=4 if a.quick else 10)
-    top_cache = steps_per_minute(layers=(3, 4, 5), cache=True, steps=4 if a.quick else 10)
-    print(f"client-steps a minute: all 6 blocks {spm:.0f}; top 3 blocks {top_nocache:.0f} uncached, "
-          f"{top_cache:.0f} cached ({top_cache / top_nocache:.2f}x)", flush=True)
-    report = {"model": "minilm (all-MiniLM-L6-v2, 22.7M)", "batch_size": 16, "max_length": 64, "dtype": "float32",
-              "threads": 1, "memory_rounds": "1 client x 50 local steps vs 50 clients x 1 local step", "rules": memory, **speed,
-              "client_steps_per_minute": spm, "client_steps_per_minute_top3_uncached": top_nocache,
-              "client_steps_per_minute_top3_cached": top_cache, "cache_gain": top_cache / top_nocache,
-              "targets": {"memory_ratio_50_vs_1": "<= 1.2", "step_ratio_vs_peft": "<= 1.1",
-                          "client_steps_per_minute": ">= 500"},
-              "quick": a.quick, **provenance()}
-    a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "llm.json"
+    report = json.loads(path.read_text()) if a.only and path.exists() else {}
+    report.update({"model": "minilm (all-MiniLM-L6-v2, 22.7M)", "batch_size": 16, "max_length": 64,
+                   "dtype": "float32", "threads": 1, "quick": a.quick,
+                   "targets": {"memory_ratio_50_vs_1": "<= 1.2", "step_ratio_vs_peft": "<= 1.1",
+                               "client_steps_per_minute": ">= 500"}})
+    if a.only in (None, "memory"):
+        rules = ("fedavg", "fedex", "full") if a.quick else RULES
+        memory = {}
+        for rule in rules:
+            one, fifty = _spawn(rule, 1, 50), _spawn(rule, 50, 1)
+            memory[rule] = {"memory_ratio_50_vs_1": fifty["peak_rss_mib"] / one["peak_rss_mib"],
+                            "peak_rss_mib_1": one["peak_rss_mib"], "peak_rss_mib_50": fifty["peak_rss_mib"],
+                            "round_seconds_1": one["round_seconds"], "round_seconds_50": fifty["round_seconds"]}
+            print(f"{rule:13s} peak RSS 1 client x 50 steps {one['peak_rss_mib']:.0f} MiB, 50 clients x 1 step "
+                  f"{fifty['peak_rss_mib']:.0f} MiB: {memory[rule]['memory_ratio_50_vs_1']:.3f}x", flush=True)
+        report["memory"] = {"rules": memory, "rounds": "1 client x 50 local steps vs 50 clients x 1 local step",
+                            "provenance": provenance()}
+    if a.only in (None, "speed"):
+        speed = step_ratio(6 if a.quick else 20)
+        print(f"step: ours {speed['step_seconds_ours']:.3f} s, plain peft {speed['step_seconds_plain_peft']:.3f} s: "
+              f"{speed['step_ratio_vs_peft']:.3f}x", flush=True)
+        n = 4 if a.quick else 10
+        spm = steps_per_minute(steps=n)
+        top_nocache = steps_per_minute(layers=(3, 4, 5), cache=False, steps=n)
+        top_cache = steps_per_minute(layers=(3, 4, 5), cache=True, steps=n)
+        print(f"client-steps a minute: all 6 blocks {spm:.0f}; top 3 blocks {top_nocache:.0f} uncached, "
+              f"{top_cache:.0f} cached ({top_cache / top_nocache:.2f}x)", flush=True)
+        report["speed"] = {**speed, "client_steps_per_minute": spm, "client_steps_per_minute_top3_uncached": top_nocache,
+                           "client_steps_per_minute_top3_cached": top_cache, "cache_gain": top_cache / top_nocache,
+                           "provenance": provenance()}
+    a.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, sort_keys=True))
     print(f"-> {path}")
     return 0
