@@ -278,3 +278,17 @@ def test_batched_choice_scores_equal_one_sequence_at_a_time(table, model):
             ref.append(sum(float(logp[len(ctx) - 1 + q, tok]) for q, tok in enumerate(ch)))
     torch.testing.assert_close(batched, torch.tensor(ref), rtol=1e-4, atol=1e-4)
     assert b["keep"] < b["input_ids"].shape[1]  # fewer logits than positions were computed
+
+
+def test_centralised_and_fixed_budget_shards(table):
+    """centralised = one client holding the whole budget doing clients × local_steps; shards split a
+    fixed total whatever the number of clients."""
+    from llm_scale.run import run
+
+    for clients in (3, 5):
+        fed = Federation(_cfg(table, "tiny-roberta", "ffa", clients=clients, partition="shards", total_samples=60))
+        assert [len(p) for p in fed.parts] == [60 // clients] * clients
+    cen = _cfg(table, "tiny-roberta", "centralised", partition="shards", total_samples=60, rounds=1)
+    rec = run(cen, progress=False)
+    assert rec["clients"] == 1 and rec["client_samples"] == [60]
+    assert rec["client_steps"] == cen.clients * cen.local_steps
