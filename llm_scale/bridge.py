@@ -189,6 +189,8 @@ class AdapterBridge:
             A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, in), (out, r)
             with torch.no_grad():
                 if g.W is not None:  # a full-weight rule: W is the whole weight, the adapter is off (B = 0)
+                    if name not in self._w0:  # keep W0 before the first overwrite
+                        self._w0[name] = self.frozen_weight(name).clone()
                     self._write_frozen(name, g.W)
                     self._merged[name] = ("W", g.W)
                     B.zero_()
