@@ -167,7 +167,7 @@ class Federation:
             # GaLore projects only the groups that carry these keys; without them it is plain AdamW
             groups.append({"params": mats, "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_proj_gap,
                            "scale": cfg.galore_scale, "proj_type": cfg.galore_proj_type})
-            return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, no_deprecation_warning=True)
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
