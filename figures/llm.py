@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from .common import plt, save_figure
 
@@ -62,6 +63,7 @@ def plot_accuracy(runs: list[dict], *, x: str = "round"):
         ax.set_xlabel("round" if x == "round" else "uplink bytes (all clients, cumulative)")
         if x == "uplink":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log axis
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
