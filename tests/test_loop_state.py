@@ -204,3 +204,21 @@ def test_checkpoint_round_trips_dense_bases_dense_parameters_and_client_state(tm
     for name in ("w", "v", "W"):
         assert torch.equal(back[name].effective_delta(), state[name].effective_delta())
     assert set(info["client_state"]) == {3, 11} and torch.equal(info["client_state"][3]["head"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape", "weight"])
+def test_aggregate_names_the_culprit_as_data(bad):
+    g = torch.Generator().manual_seed(1)
+    state = GlobalMatrix(lora=init_lora(M, N, 2, scale=1.0, generator=g, dtype=torch.float64))
+    ups = [ClientUpdate(A=torch.randn(2, N, generator=g, dtype=torch.float64),
+                        B=torch.randn(M, 2, generator=g, dtype=torch.float64)) for _ in range(3)]
+    weights = [1.0, 2.0, 3.0]
+    if bad == "nan":
+        ups[1] = ClientUpdate(A=ups[1].A * float("nan"), B=ups[1].B)
+    elif bad == "shape":
+        ups[1] = ClientUpdate(A=ups[1].A[:, :-1], B=ups[1].B)
+    else:
+        weights[1] = -1.0
+    with pytest.raises(UpdateError) as err:
+        aggregate("fedavg", state, ups, weights, client_ids=["a", "b", "c"])
+    assert (err.value.client, err.value.position) == ("b", 1)
