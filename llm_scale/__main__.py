@@ -3,6 +3,7 @@
     python -m llm_scale --config cpu-minilm-tweets --method rolora --clients 3 --rank 8 --seed 0 --out DIR
     python -m llm_scale --config my.toml --set lr=1e-3 --set layers=[3,4,5] --out DIR --export DIR/adapter
     python -m llm_scale --quick --out results/reproduce/llm_scale   # what `make reproduce` runs (minutes)
+    python -m llm_scale sweep --preset scaling --out results --jobs 2   # the client-scaling study (≈2 h)
 
 ``--config`` takes a shipped config name (``llm_scale/configs/*.toml``) or a TOML file; every
 ``LLMConfig`` field can be overridden with ``--set key=value`` (TOML value syntax). One JSON per run goes
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import CENTRALISED, config_names
 
     ap = argparse.ArgumentParser(prog="python -m llm_scale", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="subcommand: `python -m llm_scale sweep --help` (the client-scaling study)")
     ap.add_argument("--config", default="cpu-minilm-tweets", help=f"a TOML file or one of: {', '.join(config_names())}")
     ap.add_argument("--method", choices=rule_names() + [CENTRALISED], help="the server rule (or centralised)")
     ap.add_argument("--clients", type=int)
@@ -58,6 +60,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def build_sweep_parser() -> argparse.ArgumentParser:
+    from .sweep import PRESETS
+
+    ap = argparse.ArgumentParser(prog="python -m llm_scale sweep",
+                                 description="Tune every rule's learning rate on a validation split, then run every "
+                                             "(rule, clients, partition, rank) cell for every seed. Resumable: re-run "
+                                             "the same command and finished runs are skipped.")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="scaling",
+                    help="scaling: the client-scaling study (README); quick: minutes, the same code path")
+    ap.add_argument("--out", type=Path, required=True, help="results root; runs go to OUT/llm_scale/<preset>/")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each (2 on this machine)")
+    ap.add_argument("--methods", nargs="+", help="only these rules (default: the preset's)")
+    ap.add_argument("--seeds", nargs="+", type=int, help="only these evaluation seeds")
+    ap.add_argument("--dry-run", action="store_true", help="list the cells, rounds and run counts, run nothing")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _sweep(argv) -> int:
+    from .config import METHODS
+    from .sweep import PRESETS, run_sweep
+
+    args = build_sweep_parser().parse_args(argv)
+    bad = [m for m in args.methods or () if m not in METHODS]
+    if bad:
+        print(f"error: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}; use 1 or more worker processes", file=sys.stderr)
+        return 2
+    run_sweep(PRESETS[args.preset], out=args.out, jobs=args.jobs, methods=args.methods, seeds=args.seeds,
+              dry_run=args.dry_run, progress=not args.no_progress)
+    return 0
+
+
 def main(argv=None) -> int:
     import os
 
@@ -69,6 +106,13 @@ def main(argv=None) -> int:
     from .data import DataError
     from .models import ModelError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        try:
+            return _sweep(argv[1:])
+        except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         flags = {"method": args.method, "clients": args.clients, "rank": args.rank, "seed": args.seed}

@@ -124,7 +124,8 @@ class AdapterBridge:
         if rank not in self.rank_adapters:
             name = f"r{rank}"
             cfg = replace(self.config, r=rank, lora_alpha=rank)  # the scale is set per load anyway
-            self.model.add_adapter(name, cfg)
+            with torch.random.fork_rng(devices=[]):  # its (overwritten) init must not move the global stream
+                self.model.add_adapter(name, cfg)
             self.layers = _lora_layers(self.model)
             self.rank_adapters[rank] = name
         return self.rank_adapters[rank]

@@ -76,6 +76,30 @@ class FrozenLayerCache:
         finally:
             self.encoder_model.encoder.layer = layers
 
+    def fingerprint(self) -> str:
+        """A digest of every weight the cached rows depend on: the embeddings and blocks ``< L0``."""
+        import hashlib
+
+        m = self.encoder_model
+        h = hashlib.sha256()
+        for mod in (m.embeddings, *list(m.encoder.layer)[:self.L0]):
+            for name, p in mod.state_dict().items():
+                h.update(name.encode())
+                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def for_model(self, base_model: nn.Module) -> "FrozenLayerCache | None":
+        """The same cached rows serving another copy of the model, when its frozen part is the same
+        (a pretrained model under another seed: only the head and the adapters differ); ``None``
+        when it is not (a random model of another seed), and the caller builds its own."""
+        other = FrozenLayerCache(base_model, first_adapted=self.L0, dtype=self.dtype)
+        if not hasattr(self, "_digest"):
+            self._digest = self.fingerprint()
+        if other.fingerprint() != self._digest:
+            return None
+        other.rows, other._digest = self.rows, self._digest
+        return other
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for rows in self.rows.values() for t in rows)
 

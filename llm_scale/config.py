@@ -43,6 +43,8 @@ class LLMConfig:
     val_fraction: float = 0.0  # held out of training for learning-rate tuning; 0 = none
     train_subset: int = 0  # > 0: train on a seeded subset of this many rows (tests, quick runs)
     test_subset: int = 0  # > 0: evaluate on a seeded subset of this many rows
+    split_seed: int = -1  # seed of the test / validation / subset draws; -1 = `seed`. A sweep fixes it so that
+    #                       every seed is scored on the same test rows and the frozen-layer cache is built once
     # --- federation --------------------------------------------------------------------------------
     method: str = "fedavg"  # a fedlora rule, or "centralised"
     clients: int = 3
@@ -62,6 +64,7 @@ class LLMConfig:
     galore_proj_type: str = "std"
     seed: int = 0
     eval_every: int = 1
+    eval_splits: tuple[str, ...] = ()  # what `evaluate` scores: () = test, and val when held out
     # --- compute -----------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int = 1  # torch threads on CPU: 1 is fastest for these small ops on a shared 2-core machine
@@ -98,11 +101,19 @@ class LLMConfig:
             bad(f"client_ranks={self.client_ranks}; every rank must be >= 1")
         if self.lr <= 0 or self.lora_alpha <= 0:
             bad("lr and lora_alpha must be > 0")
+        if any(x not in ("test", "val") for x in self.eval_splits):
+            bad(f"eval_splits={self.eval_splits}; use 'test' and/or 'val'")
+        if "val" in self.eval_splits and self.val_fraction <= 0:
+            bad("eval_splits asks for 'val' but val_fraction is 0: hold a validation split out (e.g. val_fraction=0.05)")
         if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             bad("test_fraction must be in (0, 1) and val_fraction in [0, 1)")
 
     def rank_of(self, client: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.rank
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.split_seed < 0 else self.split_seed
 
     @property
     def max_rank(self) -> int:

@@ -46,8 +46,10 @@ def pick_device(name: str) -> torch.device:
 class Federation:
     """Everything a run needs, built once: data, tokens, partition, model, bridge, cache."""
 
-    def __init__(self, cfg: LLMConfig, *, splits: Optional[Splits] = None, progress: bool = False,
-                 tiny: Optional[dict] = None):
+    def __init__(self, cfg: LLMConfig, *, splits: Optional[Splits] = None, cache: Optional[FrozenLayerCache] = None,
+                 progress: bool = False, tiny: Optional[dict] = None):
+        """``splits`` and ``cache`` (from another ``Federation`` of the same model, data and layers) are
+        reused rather than rebuilt: a sweep builds them once for all its seeds."""
         from peft import LoraConfig, get_peft_model
 
         self.cfg, self.tiny = cfg, tiny
@@ -75,7 +77,36 @@ class Federation:
         self.local_heads: dict[int, dict[str, Tensor]] = {}
         self.cache: Optional[FrozenLayerCache] = None
         if cfg.cache_frozen_layers and cache_eligible(kind=cfg.kind, layers=cfg.layers, family=self.spec.family):
-            self._build_cache(progress)
+            if cache is not None:
+                if cache.L0 != min(cfg.layers):
+                    raise ValueError(f"the cache given was built below block {cache.L0}; this config adapts from "
+                                     f"block {min(cfg.layers)}: build a new one")
+                self.cache = cache.for_model(self.model.get_base_model())
+            if self.cache is None:
+                self._build_cache(progress)
+
+    # what a sweep may change between runs on one Federation; anything else (seed, model, data,
+    # adapted modules, head) needs a new one
+    RECONFIGURABLE = frozenset({"method", "clients", "partition", "dirichlet_alpha", "total_samples", "rounds",
+                                "clients_per_round", "local_steps", "lr", "rank", "client_ranks", "eval_every",
+                                "eval_splits", "optimizer", "weight_decay", "galore_rank", "galore_update_proj_gap",
+                                "galore_scale", "galore_proj_type"})
+
+    def reconfigure(self, cfg: LLMConfig) -> "Federation":
+        """Point this Federation at another run of the same seed, model and data (other rule, clients,
+        partition, rank, schedule, lr): the partition is redrawn, the model and cache are kept. The run
+        then equals one on a fresh ``Federation(cfg)`` (tested)."""
+        import dataclasses
+
+        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(self.cfg, f.name)}
+        fixed = sorted(changed - self.RECONFIGURABLE)
+        if fixed:
+            raise ValueError(f"cannot reconfigure {', '.join(fixed)} on a built Federation; build a new one")
+        self.cfg = cfg
+        self.partition_summary = {}
+        self.parts = self._partition()
+        self.local_heads = {}
+        return self
 
     # ---- data ------------------------------------------------------------------------------------
     def _encode(self, ds) -> Encoded:
@@ -132,7 +163,7 @@ class Federation:
         for name in self.bridge.names:
             m, n = self.bridge.shape(name)
             if self.rule.startswith("full"):
-                state[name] = GlobalMatrix(W=self.bridge.frozen_weight(name).detach().clone().float())
+                state[name] = GlobalMatrix(W=self.bridge.pristine_weight(name).detach().clone().float())
             else:
                 s = lora_scale(cfg.lora_alpha, r0, rslora=cfg.rslora)
                 state[name] = GlobalMatrix(lora=init_lora(m, n, r0, scale=s, generator=generator(cfg.seed, "init", name)))
@@ -180,8 +211,9 @@ class Federation:
         return cfg.local_steps * cfg.clients if cfg.method == CENTRALISED else cfg.local_steps
 
     def local_train(self, task: ClientTask) -> ClientResult:
-        torch.manual_seed(derive_seed(task.seed, "dropout"))  # dropout masks: seeded per client-round
         params = self.bridge.load(task.start, trains=task.trains, local=task.local)
+        torch.manual_seed(derive_seed(task.seed, "dropout"))  # dropout masks: seeded per client-round, after
+        # the load (which may create an adapter of a new rank, and its init draws from the global generator)
         opt = self._optimizer(params, task)
         rows = self.parts[task.client]
         plan = batch_plan(rows, steps=self._steps(), batch_size=self.cfg.batch_size, seed=task.seed,
@@ -263,7 +295,10 @@ class Federation:
         """The global model on the test split (and ``val`` when held out). A ``local`` head has no
         global counterpart: each client's own head is scored and the mean reported (personalised)."""
         out: dict[str, float] = {}
-        splits = tuple(s for s in splits if s in self.encoded) + (("val",) if "val" in self.encoded and "val" not in splits else ())
+        if self.cfg.eval_splits:
+            splits = self.cfg.eval_splits
+        else:
+            splits = tuple(s for s in splits if s in self.encoded) + (("val",) if "val" in self.encoded and "val" not in splits else ())
         heads = list(self.local_heads.values()) if self.cfg.head == "local" and self.local_heads else [None]
         for split in splits:
             accs = []

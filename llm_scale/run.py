@@ -83,6 +83,8 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
                     "rejected": h["rejected"]} for h in hist],
         "total_uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),
         "total_downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
+        "uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),  # the whole run, all clients
+        "downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
         "client_steps": steps, "client_steps_per_minute": 60 * steps / train_s if train_s > 0 else None,
         "frozen_layer_cache": fed.cache is not None,
         "cache_mib": fed.cache.nbytes() / 2**20 if fed.cache is not None else 0.0,

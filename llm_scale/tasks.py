@@ -51,27 +51,29 @@ def _cap(ds: Dataset, n: int, seed: int) -> Dataset:
 
 
 def load_splits(cfg: LLMConfig) -> Splits:
-    """Train / test (and validation, with ``val_fraction``) for ``cfg.task``; every draw from ``cfg.seed``.
+    """Train / test (and validation, with ``val_fraction``) for ``cfg.task``; every draw from
+    ``cfg.data_seed`` (``split_seed``, or ``seed`` when unset).
 
     tweets and tables: a stratified test split; GLUE: the dev set is the test set (the papers' practice);
     commonsense: a random test split of the one JSONL file.
     """
     path = str(Path(cfg.data_path).expanduser()) if cfg.data_path else None
+    seed = cfg.data_seed
     if cfg.task == "tweets":
-        train, test = load_tweets(test_fraction=cfg.test_fraction, seed=cfg.seed)
+        train, test = load_tweets(test_fraction=cfg.test_fraction, seed=seed)
     elif cfg.task == "table":
         full = load_table(path, text_column=cfg.text_column, label_column=cfg.label_column,
                           text_b_column=cfg.text_b_column or None)
-        train, test = stratified_split(full, fraction=cfg.test_fraction, seed=cfg.seed)
+        train, test = stratified_split(full, fraction=cfg.test_fraction, seed=seed)
     elif cfg.task.startswith("glue-"):
         train, test = load_glue(cfg.task[len("glue-"):], data_dir=path)
     else:
-        train, test = _random_split(load_commonsense(cfg.commonsense_task, path), cfg.test_fraction, cfg.seed)
+        train, test = _random_split(load_commonsense(cfg.commonsense_task, path), cfg.test_fraction, seed)
     val = None
     if cfg.val_fraction > 0:
-        train, val = _holdout(train, cfg.val_fraction, cfg.seed + 1)
-    train = _cap(train, cfg.train_subset, cfg.seed + 2)
-    test = _cap(test, cfg.test_subset, cfg.seed + 3)
+        train, val = _holdout(train, cfg.val_fraction, seed + 1)
+    train = _cap(train, cfg.train_subset, seed + 2)
+    test = _cap(test, cfg.test_subset, seed + 3)
     if val is not None:
-        val = _cap(val, cfg.test_subset, cfg.seed + 4)
+        val = _cap(val, cfg.test_subset, seed + 4)
     return Splits(train=train, test=test, val=val)

@@ -1,0 +1,129 @@
+"""The LLM client-scaling sweep on a tiny random RoBERTa: a re-pointed Federation gives exactly the
+numbers of a fresh one (so a sweep may share one model across runs), the fixed budget, the tuning
+procedure (validation only, grid grows past an edge), resumability, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from llm_scale.config import load_config  # noqa: E402
+from llm_scale.engine import Federation  # noqa: E402
+from llm_scale.run import run  # noqa: E402
+from llm_scale.sweep import Sweep, run_sweep, tune_grid_runs  # noqa: E402
+
+from test_llm_scale import table  # noqa: E402,F401  (the module fixture: a small learnable CSV)
+
+TINY = {"num_hidden_layers": 3}
+
+
+def _base(table, **kw):
+    return dict(model="tiny-roberta", task="table", data_path=str(table), targets=["query", "value"],
+                layers=[2], test_fraction=0.25, val_fraction=0.1, batch_size=4, split_seed=0, **kw)
+
+
+def _numbers(rec):
+    return rec["final_test_accuracy"], [h["train_loss"] for h in rec["rounds"]], rec["uplink_bytes"]
+
+
+def test_a_reconfigured_federation_gives_the_numbers_of_a_fresh_one(table):
+    """One model re-pointed through rules that overwrite the frozen weights (full), merge bases
+    (fedex), add adapters of other ranks (flexlora r2, fedavg r4) and other client counts: every run
+    equals the same run on a Federation built for it."""
+    runs = [dict(method="fedex", rank=2, clients=3), dict(method="full", rank=2, clients=2),
+            dict(method="flexlora", rank=4, clients=3, partition="dirichlet"),
+            dict(method="fedavg", rank=2, clients=4), dict(method="rolora", rank=4, clients=2)]
+    shared = None
+    for kw in runs:
+        cfg = load_config(None, **_base(table), rounds=2, local_steps=2, lr=5e-3, seed=3, **kw)
+        if shared is None:
+            shared = Federation(cfg, tiny=TINY)
+        else:
+            shared.reconfigure(cfg)
+        assert shared.cache is not None  # the cached path is the one a sweep uses
+        got = run(cfg, federation=shared, progress=False)
+        want = run(cfg, federation=Federation(cfg, tiny=TINY), progress=False)
+        assert _numbers(got) == _numbers(want), kw
+    with pytest.raises(ValueError, match="cannot reconfigure seed"):
+        shared.reconfigure(load_config(None, **_base(table), seed=4))
+
+
+def test_a_cache_is_shared_only_with_the_same_frozen_weights(table):
+    """Same frozen blocks (a pretrained model: here the same seed): the rows are shared and the run is
+    the fresh one. A random model of another seed has other frozen blocks: its own cache is built."""
+    cfg0 = load_config(None, **_base(table), rounds=2, local_steps=2, method="fedavg", rank=2, seed=0)
+    cfg1 = load_config(None, **_base(table), rounds=2, local_steps=2, method="rolora", rank=4, seed=0, clients=2)
+    cfg2 = load_config(None, **_base(table), rounds=2, local_steps=2, method="fedavg", rank=2, seed=1)
+    first = Federation(cfg0, tiny=TINY)
+    for cfg, shared in ((cfg1, True), (cfg2, False)):
+        reused = Federation(cfg, splits=first.splits, cache=first.cache, tiny=TINY)
+        assert (reused.cache.rows is first.cache.rows) is shared
+        fresh = Federation(cfg, tiny=TINY)
+        assert _numbers(run(cfg, federation=reused, progress=False)) == _numbers(run(cfg, federation=fresh, progress=False))
+
+
+def test_tuning_grid_grows_past_an_edge_and_stops_inside():
+    sw = Sweep(name="t", lr_grid=(1e-3, 2e-3, 4e-3), lr_extend=(5e-4, 8e-3, 1.6e-2))
+    todo, best = tune_grid_runs(sw, None, None, {})
+    assert todo == [1e-3, 2e-3, 4e-3] and best is None
+    todo, best = tune_grid_runs(sw, None, None, {1e-3: .5, 2e-3: .6, 4e-3: .7})  # best at the top edge
+    assert todo == [8e-3] and best is None
+    todo, best = tune_grid_runs(sw, None, None, {1e-3: .5, 2e-3: .6, 4e-3: .7, 8e-3: .65})
+    assert todo == [] and best == 4e-3
+    todo, best = tune_grid_runs(sw, None, None, {1e-3: .5, 2e-3: .6, 4e-3: .7, 8e-3: .8, 1.6e-2: .9})
+    assert todo == [] and best == 1.6e-2  # extensions used up: the edge is kept, and reported as such
+    _, best = tune_grid_runs(sw, None, None, {5e-4: .7, 1e-3: .7, 2e-3: .6, 4e-3: .5})
+    assert best == 5e-4  # ties go to the smaller lr
+
+
+def test_total_budget_is_fixed_and_uneven_rounds_are_refused():
+    sw = Sweep(name="t", clients=(3, 20, 50), total_steps=600, local_steps=2)
+    assert [sw.rounds(c) for c in sw.clients] == [100, 15, 6]
+    assert all(c * sw.rounds(c) * sw.local_steps == 600 for c in sw.clients)
+    with pytest.raises(ValueError, match="not a whole number of rounds"):
+        Sweep(name="t", total_steps=500, local_steps=2).rounds(3)
+
+
+def test_sweep_tunes_on_validation_runs_every_cell_and_resumes(table, tmp_path):
+    sw = Sweep(name="tiny", methods=("fedavg", "rolora", "full"), clients=(2, 4), partitions=("iid",), ranks=(2, 4),
+               seeds=(0, 1), total_steps=8, local_steps=1, lr_grid=(2e-3, 8e-3), lr_extend=(), tune_cell=(2, "iid"),
+               config=None, base=_base(table))
+    rows = run_sweep(sw, out=tmp_path, tiny=TINY, progress=False)
+    root = tmp_path / "llm_scale" / "tiny"
+    evals = [json.loads(p.read_text()) for p in root.rglob("*.json") if p.parent.name != "tune" and p.name != "tuning.json"]
+    tunes = [json.loads(p.read_text()) for p in root.rglob("tune/*.json")]
+    # centralised at 2 ranks + (fedavg, rolora) × 2 clients × 2 ranks + full × 2 clients (rank-free), 2 seeds each
+    assert len(rows) == len(evals) == (2 + 8 + 2) * 2
+    assert {r["role"] for r in evals} == {"eval"} and {r["role"] for r in tunes} == {"tune"}
+    assert all(r["final_val_accuracy"] is not None and r["final_test_accuracy"] is None for r in tunes)
+    assert all(r["final_test_accuracy"] is not None and r["final_val_accuracy"] is None for r in evals)
+    for r in evals:
+        assert r["client_steps"] == 8 and r["seed"] in (0, 1)
+        assert {"method", "clients", "partition", "rank", "seed", "final_test_accuracy", "uplink_bytes",
+                "downlink_bytes", "wall_seconds", "role"} <= set(r)
+        tuned = r["tune_val_accuracy"]
+        best = max(sorted(tuned, key=float), key=lambda k: tuned[k])  # the tuning table picks the lr used
+        assert float(best) == r["lr"]
+    chosen = json.loads((root / "tuning.json").read_text())["chosen"]
+    assert set(chosen) == {"centralised r2", "centralised r4", "fedavg r2", "fedavg r4", "rolora r2", "rolora r4",
+                           "full r2"}
+    # resumable: a second call runs nothing new and returns the same numbers
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*.json") if p.name != "tuning.json"}
+    again = run_sweep(sw, out=tmp_path, tiny=TINY, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert sorted((r["path"], r["test"]) for r in again) == sorted((r["path"], r["test"]) for r in rows)
+
+
+def test_sweep_cli_dry_run_and_bad_input(capsys):
+    from llm_scale.__main__ import main
+
+    assert main(["sweep", "--preset", "scaling", "--out", "/tmp/unused", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "240 eval runs" in out and "50 clients r8: 6 rounds × 2 steps" in out
+    assert main(["sweep", "--preset", "scaling", "--out", "/tmp/unused", "--methods", "fedsgd"]) == 2
+    assert "unknown method 'fedsgd'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--preset", "nope", "--out", "/tmp/unused"])
