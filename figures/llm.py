@@ -1,5 +1,11 @@
-"""LLM-tier figures from run JSONs (``llm_scale``): test accuracy against rounds and against uplink
-bytes, one line per rule (mean over seeds, band = min..max), one panel per (model, task, clients, rank).
+"""LLM-tier figures from run JSONs (``llm_scale``).
+
+- Single runs (``python -m llm_scale``, the quick reproduction): test accuracy against rounds and
+  against uplink bytes, one line per rule (mean over seeds, band = min..max), one panel per setting.
+- The client-scaling sweep (``python -m llm_scale sweep``): final test accuracy against the number of
+  clients per rule (mean over seeds, band = min..max; centralised as a dashed line), one panel per
+  (partition, rank); final accuracy against the run's total uplink bytes; and the table
+  ``llm_<sweep>_table.md`` (mean ± sample std over seeds, with the paper's Table 2 beside it).
 
     python -m figures.llm --results results --out results/figures
 """
@@ -71,12 +77,182 @@ def plot_accuracy(runs: list[dict], *, x: str = "round"):
     return fig
 
 
+# ---- the client-scaling sweep ------------------------------------------------------------------------------
+CENTRAL = "centralised"
+RANKLESS = ("full", "full-galore")
+# RoLoRA paper (Chen et al. 2024, arXiv:2409.02346) Table 2: RoBERTa-Large, rank 2, accuracy % on
+# SST-2 / QNLI / MNLI / QQP / RTE, 3 and 50 clients on disjoint shards with the total budget fixed (SPEC).
+PAPER_TABLE2 = {
+    ("fedavg", 3): (95.64, 92.04, 85.85, 86.16, 82.19), ("ffa", 3): (94.91, 90.11, 84.06, 85.48, 80.86),
+    ("rolora", 3): (95.60, 91.62, 85.66, 86.16, 82.19), ("fedavg", 50): (93.23, 82.57, 58.96, 76.96, 49.10),
+    ("ffa", 50): (92.32, 85.15, 62.79, 77.78, 53.07), ("rolora", 50): (94.61, 89.83, 85.15, 85.55, 72.92),
+}
+METHOD_ORDER = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full", "full-galore")
+
+
+def sweep_runs(runs: list[dict], sweep: str) -> list[dict]:
+    return [r for r in runs if r.get("sweep") == sweep and r.get("role") == "eval"]
+
+
+def _order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+
+
+def scaling_cells(runs: list[dict]) -> dict:
+    """(method, partition, rank, clients) -> final test accuracies over seeds. Rank-free rules (full)
+    run once and count under every rank; centralised is keyed by partition ``None``."""
+    ranks = sorted({r["rank"] for r in runs if r["method"] not in RANKLESS})
+    cells = defaultdict(list)
+    for r in runs:
+        acc = r["final_test_accuracy"]
+        if acc is None:
+            continue
+        if r["method"] == CENTRAL:
+            cells[(CENTRAL, None, r["rank"], None)].append(acc)
+            continue
+        for rank in (ranks if r["method"] in RANKLESS else [r["rank"]]):
+            cells[(r["method"], r["partition"], rank, r["clients"])].append(acc)
+    return cells
+
+
+def _stats(xs) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
+
+
+def plot_scaling(runs: list[dict]):
+    cells = scaling_cells(runs)
+    parts = sorted({k[1] for k in cells if k[1] is not None})
+    ranks = sorted({k[2] for k in cells if k[1] is not None})
+    methods = _order({k[0] for k in cells if k[0] != CENTRAL})
+    fig, axes = plt.subplots(len(ranks), len(parts), figsize=(5.2 * len(parts), 3.8 * len(ranks)), squeeze=False,
+                             sharey=True)
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for i, rank in enumerate(ranks):
+        for j, part in enumerate(parts):
+            ax = axes[i][j]
+            for m in methods:
+                ks = sorted(k for k in cells if k[0] == m and k[1] == part and k[2] == rank)
+                if not ks:
+                    continue
+                X = np.array([k[3] for k in ks], dtype=float)
+                Y = [np.asarray(cells[k]) for k in ks]
+                ax.plot(X, [y.mean() for y in Y], marker="o", ms=4, color=colors[m],
+                        label=f"{m} (n={min(len(y) for y in Y)})")
+                ax.fill_between(X, [y.min() for y in Y], [y.max() for y in Y], color=colors[m], alpha=0.15)
+            c = cells.get((CENTRAL, None, rank, None))
+            if c:
+                mu = float(np.mean(c))
+                ax.axhline(mu, color="k", ls="--", lw=1, label=f"centralised {mu:.3f} (n={len(c)})")
+            ax.set_xscale("log")
+            xs = sorted({k[3] for k in cells if k[1] == part})
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{part}, rank {rank}", fontsize=10)
+            ax.set_xlabel("clients (total rows and client-steps fixed)")
+            ax.set_ylabel("final test accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling_uplink(runs: list[dict]):
+    """Final accuracy against the run's total uplink bytes (all clients): one marker per run, one
+    colour per rule, one marker shape per number of clients."""
+    runs = [r for r in runs if r["method"] != CENTRAL and r["final_test_accuracy"] is not None]
+    parts = sorted({r["partition"] for r in runs})
+    ranks = sorted({r["rank"] for r in runs if r["method"] not in RANKLESS})
+    methods = _order({r["method"] for r in runs})
+    shapes = {c: s for c, s in zip(sorted({r["clients"] for r in runs}), "os^Dv")}
+    fig, axes = plt.subplots(len(ranks), len(parts), figsize=(5.2 * len(parts), 3.8 * len(ranks)), squeeze=False,
+                             sharey=True)
+    for i, rank in enumerate(ranks):
+        for j, part in enumerate(parts):
+            ax = axes[i][j]
+            for k, m in enumerate(methods):
+                for c, shape in shapes.items():
+                    g = [r for r in runs if r["method"] == m and r["partition"] == part and r["clients"] == c
+                         and (r["rank"] == rank or m in RANKLESS)]
+                    if g:
+                        ax.scatter([r["uplink_bytes"] for r in g], [r["final_test_accuracy"] for r in g], s=16,
+                                   marker=shape, color=f"C{k}", label=m if c == min(shapes) else None, alpha=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{part}, rank {rank} (marker: " + ", ".join(f"{s} {c}" for c, s in shapes.items())
+                         + " clients)", fontsize=9)
+            ax.set_xlabel("uplink bytes, whole run, all clients")
+            ax.set_ylabel("final test accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_table(runs: list[dict]) -> str:
+    """Markdown: mean ± sample std (ddof 1) over seeds per rule × clients, one block per (partition,
+    rank), the rounds of each column, and the paper's Table 2 (rank 2) for the rules it reports."""
+    cells = scaling_cells(runs)
+    parts = sorted({k[1] for k in cells if k[1] is not None})
+    ranks = sorted({k[2] for k in cells if k[1] is not None})
+    clients = sorted({k[3] for k in cells if k[1] is not None})
+    methods = _order({k[0] for k in cells if k[0] != CENTRAL})
+    rounds = {}
+    for r in runs:
+        if r["method"] != CENTRAL:
+            rounds[r["clients"]] = r["rounds_done"]
+    lines = []
+    for rank in ranks:
+        for part in parts:
+            lines += [f"**{part}, rank {rank}** (test accuracy, mean ± std over seeds; n = seeds)", "",
+                      "| rule | " + " | ".join(f"{c} clients ({rounds.get(c, '?')} rounds)" for c in clients)
+                      + f" | {clients[0]} → {clients[-1]} |",
+                      "|---|" + "---|" * (len(clients) + 1)]
+            for m in methods:
+                row, means = [], {}
+                for c in clients:
+                    xs = cells.get((m, part, rank, c))
+                    if xs:
+                        mu, sd = _stats(xs)
+                        means[c] = mu
+                        row.append(f"{mu:.3f} ± {sd:.3f} (n={len(xs)})")
+                    else:
+                        row.append("—")
+                drop = f"{means[clients[-1]] - means[clients[0]]:+.3f}" if len(means) == len(clients) else "—"
+                lines.append(f"| {m} | " + " | ".join(row) + f" | {drop} |")
+            c = cells.get((CENTRAL, None, rank, None))
+            if c:
+                mu, sd = _stats(c)
+                lines.append(f"| centralised | {mu:.3f} ± {sd:.3f} (n={len(c)}), same total steps |"
+                             + " |" * len(clients))
+            lines.append("")
+    lines += ["**RoLoRA paper, Table 2** (RoBERTa-Large, rank 2, accuracy %: SST-2 / QNLI / MNLI / QQP / RTE)", "",
+              "| rule | 3 clients | 50 clients | MNLI 3 → 50 |", "|---|---|---|---|"]
+    for m in ("fedavg", "ffa", "rolora"):
+        a, b = PAPER_TABLE2[(m, 3)], PAPER_TABLE2[(m, 50)]
+        lines.append(f"| {m} | {' / '.join(f'{x:.2f}' for x in a)} | {' / '.join(f'{x:.2f}' for x in b)} | "
+                     f"{b[2] - a[2]:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     runs = load_runs(results_dir)
     if not runs:
         return []
-    written = save_figure(plot_accuracy(runs, x="round"), out_dir, "llm_accuracy_vs_round")
-    written += save_figure(plot_accuracy(runs, x="uplink"), out_dir, "llm_accuracy_vs_uplink")
+    single = [r for r in runs if "sweep" not in r]
+    written = []
+    if single:
+        written += save_figure(plot_accuracy(single, x="round"), out_dir, "llm_accuracy_vs_round")
+        written += save_figure(plot_accuracy(single, x="uplink"), out_dir, "llm_accuracy_vs_uplink")
+    for sweep in sorted({r["sweep"] for r in runs if "sweep" in r}):
+        rs = sweep_runs(runs, sweep)
+        if not rs:
+            continue
+        written += save_figure(plot_scaling(rs), out_dir, f"llm_{sweep}_accuracy_vs_clients")
+        written += save_figure(plot_scaling_uplink(rs), out_dir, f"llm_{sweep}_accuracy_vs_uplink")
+        table = Path(out_dir) / f"llm_{sweep}_table.md"
+        table.write_text(scaling_table(rs))
+        written.append(table)
     return written
 
 

@@ -19,12 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FrozenLayerCache", "cache_eligible"]
+__all__ = ["FrozenLayerCache", "CausalLayerCache", "cache_eligible"]
 
 
 def cache_eligible(*, kind: str, layers: Sequence[int], family: str) -> bool:
-    """Encoders (BERT, RoBERTa) with LoRA only from block ``min(layers) > 0`` on."""
-    return kind == "classification" and bool(layers) and min(layers) > 0 and family in ("bert", "roberta")
+    """LoRA only from block ``min(layers) > 0`` on, in an encoder (BERT, RoBERTa) classifier or a
+    Llama-architecture causal LM scoring choices."""
+    if not layers or min(layers) == 0:
+        return False
+    return (kind == "classification" and family in ("bert", "roberta")) or (kind == "causal" and family == "llama")
 
 
 class _Lookup(nn.Module):
@@ -124,3 +127,94 @@ class FrozenLayerCache:
         finally:
             m.embeddings, m.encoder.layer = emb, layers
             self._lookup.current = None
+
+
+class CausalLayerCache:
+    """The same, one level over a Llama-architecture causal LM that scores choices: the hidden state
+    entering decoder block ``L0`` of every (row, choice) sequence, computed once.
+
+    A causal block's output at a token depends only on the tokens before it, and the sequences are
+    padded on the left with ``position_ids`` counting real tokens (``batches.collate_choices``), so a
+    sequence's states at its real tokens do not depend on its batch: the cached forward feeds them as
+    ``inputs_embeds`` to the blocks ``L0…`` (masks and rotary positions are computed as usual) and
+    equals the full forward at every real position (tested). Keyed by ``(row, choice)``: training
+    uses the gold choice, scoring uses every choice.
+    """
+
+    def __init__(self, base_model: nn.Module, *, first_adapted: int, dtype: torch.dtype = torch.float32):
+        self.decoder = base_model.model  # LlamaModel: embed_tokens, layers, norm, rotary_emb
+        self.L0 = first_adapted
+        self.dtype = dtype
+        self.rows: dict[str, dict[tuple[int, int], Tensor]] = {}
+
+    @torch.no_grad()
+    def build(self, split: str, batches, *, progress: bool = False) -> None:
+        """``batches``: dicts from ``collate_choices`` (``input_ids``, ``attention_mask``,
+        ``position_ids``, ``owner``); run in eval mode through blocks ``< L0``."""
+        d = self.decoder
+        was = d.training
+        d.eval()
+        out = self.rows.setdefault(split, {})
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(batches, desc=f"cache {split}", leave=False)
+        layers, norm = d.layers, d.norm
+        d.layers, d.norm = nn.ModuleList(list(layers)[:self.L0]), nn.Identity()
+        try:
+            for b in it:
+                hs = d(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                       use_cache=False).last_hidden_state  # (S, T, H), before the final norm
+                for i, (row, j) in enumerate(b["owner"].tolist()):
+                    n = int(b["attention_mask"][i].sum())
+                    out[(row, j)] = hs[i, hs.shape[1] - n:].to(self.dtype).clone()
+        finally:
+            d.layers, d.norm = layers, norm
+            d.train(was)
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for mod in (self.decoder.embed_tokens, *list(self.decoder.layers)[:self.L0]):
+            for name, p in mod.state_dict().items():
+                h.update(name.encode())
+                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def for_model(self, base_model: nn.Module) -> "CausalLayerCache | None":
+        other = CausalLayerCache(base_model, first_adapted=self.L0, dtype=self.dtype)
+        if not hasattr(self, "_digest"):
+            self._digest = self.fingerprint()
+        if other.fingerprint() != self._digest:
+            return None
+        other.rows, other._digest = self.rows, self._digest
+        return other
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for rows in self.rows.values() for t in rows.values())
+
+    def has(self, split: str, owner: Tensor) -> bool:
+        rows = self.rows.get(split, {})
+        return all((int(r), int(j)) in rows for r, j in owner.tolist())
+
+    def batch(self, split: str, owner: Tensor, T: int) -> Tensor:
+        """Left-padded ``(S, T, H)`` states for the sequences ``owner`` (``(S, 2)``: row, choice)."""
+        hs = self.rows[split]
+        seqs = [hs[(int(r), int(j))] for r, j in owner.tolist()]
+        out = torch.zeros(len(seqs), T, seqs[0].shape[-1], dtype=torch.float32)
+        for i, h in enumerate(seqs):
+            out[i, T - h.shape[0]:] = h
+        return out
+
+    @contextmanager
+    def active(self, split: str, owner: Tensor, T: int, device):
+        """Inside, the model runs blocks ``L0…`` only; feed it the yielded ``inputs_embeds``."""
+        d = self.decoder
+        layers = d.layers
+        d.layers = nn.ModuleList(list(layers)[self.L0:])
+        try:
+            yield self.batch(split, owner, T).to(device)
+        finally:
+            d.layers = layers

@@ -22,7 +22,7 @@ from fedlora.seeding import derive_seed, generator
 from .batches import (Encoded, batch_plan, choice_logprob, collate_choices, collate_classification,
                       encode_choices, encode_classification, PROMPT_SUFFIX)
 from .bridge import AdapterBridge, lora_scale
-from .cache import FrozenLayerCache, cache_eligible
+from .cache import CausalLayerCache, FrozenLayerCache, cache_eligible
 from .commonsense import MultipleChoice
 from .config import CENTRALISED, LLMConfig
 from .models import load_model
@@ -134,6 +134,13 @@ class Federation:
 
     def _build_cache(self, progress: bool) -> None:
         base = self.model.get_base_model()
+        if self.cfg.kind == "causal":
+            self.cache = CausalLayerCache(base, first_adapted=min(self.cfg.layers))
+            for split, enc in self.encoded.items():  # training sees the gold choice only; scoring, every choice
+                batches = [collate_choices(enc, np.arange(i, min(i + 16, len(enc))), pad_id=self.pad_id,
+                                           gold_only=split == "train") for i in range(0, len(enc), 16)]
+                self.cache.build(split, batches, progress=progress)
+            return
         self.cache = FrozenLayerCache(base, first_adapted=min(self.cfg.layers))
         for split, enc in self.encoded.items():
             order = np.arange(len(enc))
@@ -245,6 +252,11 @@ class Federation:
             if self.cache is not None and self.cfg.kind == "classification":
                 with self.cache.active(split, rows, kw["input_ids"].shape[1], self.device):
                     return self.model(**kw).logits
+            if self.cache is not None and self.cache.has(split, batch["owner"]):
+                with self.cache.active(split, batch["owner"], kw["input_ids"].shape[1], self.device) as embeds:
+                    kw["inputs_embeds"] = embeds
+                    del kw["input_ids"]
+                    return self.model(**kw, use_cache=False).logits
             return self.model(**kw).logits
 
     def loss(self, split: str, rows: np.ndarray) -> Tensor:

@@ -98,6 +98,14 @@ PRESETS = {
     # 500 / 75 / 30 scaled by 1/5 for 3 and 20, and 6 for 50). README: "LLM client-scaling study".
     "scaling": Sweep(name="scaling", base=dict(layers=[5], batch_size=8, train_subset=4800, val_fraction=0.05,
                                                test_subset=1000, split_seed=0)),
+    # The causal path on a real Llama-architecture model, a smaller study: SmolLM2-135M scoring the label
+    # words, LoRA on q/v of the top block (blocks 0-28 from the causal cache), IID, rank 2; 240 client-steps
+    # of batch 4 = 960 rows each seen once; 40 / 6 rounds for 3 / 20 clients.
+    "smollm": Sweep(name="smollm", methods=("fedavg", "ffa", "rolora", "rolora-chain"), clients=(3, 20),
+                    partitions=("iid",), ranks=(2,), total_steps=240, local_steps=2, lr_grid=(1e-3, 4e-3),
+                    lr_extend=(2.5e-4, 1.6e-2), tune_cell=(20, "iid"), config="cpu-smollm-tweets",
+                    base=dict(layers=[29], batch_size=4, train_subset=960, val_fraction=0.05, test_subset=150,
+                              split_seed=0)),
     # Minutes, same code path: two rules, two client counts, two seeds, a tiny budget.
     "quick": Sweep(name="quick", methods=("fedavg", "rolora"), clients=(3, 6), partitions=("iid",), ranks=(2,),
                    seeds=(0, 1), total_steps=36, local_steps=2, lr_grid=(2e-3, 4e-3), lr_extend=(),
