@@ -234,6 +234,12 @@ def _job(out: Path, sweep: Sweep, cell: tuple, *, lr: float, seed: int, role: st
             "extra": {"sweep": sweep.name, "role": role, "total_steps": sweep.total_steps, **extra}}
 
 
+def _stamp(jobs: list[dict], code: Optional[str]) -> list[dict]:
+    for j in jobs:
+        j["extra"]["git_commit"] = code
+    return jobs
+
+
 def _tune_keys(sweep: Sweep, methods: Optional[Iterable[str]]) -> list[tuple]:
     keys = []
     for cell in sweep.cells():
@@ -266,7 +272,7 @@ def tune_grid_runs(sweep: Sweep, out: Path, key: tuple, done: dict[float, float]
             return [], best
 
 
-def _tune(sweep: Sweep, out: Path, pool: _Pool, keys: list[tuple], bar) -> dict[tuple, tuple[float, dict]]:
+def _tune(sweep: Sweep, out: Path, pool: _Pool, keys: list[tuple], bar, code: Optional[str]) -> dict[tuple, tuple[float, dict]]:
     done: dict[tuple, dict[float, float]] = {k: {} for k in keys}
     chosen: dict[tuple, tuple[float, dict]] = {}
     while True:
@@ -286,7 +292,7 @@ def _tune(sweep: Sweep, out: Path, pool: _Pool, keys: list[tuple], bar) -> dict[
             return chosen
         bar.total = (bar.total or 0) + len(jobs)
         bar.refresh()
-        for res in pool.map(jobs):
+        for res in pool.map(_stamp(jobs, code)):
             k, lr = owner[res["path"]]
             acc = res["val"]
             done[k][lr] = acc if acc is not None and acc == acc and not res["diverged"] else -1.0
@@ -328,11 +334,16 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
         print(f"{len(keys)} tuning cells (≥ {len(sweep.lr_grid)} lrs each), {len(cells) * n_seeds} eval runs, "
               f"{sweep.total_steps} client-steps each")
         return []
+    from fedlora.provenance import git_commit
+
     t0 = time.perf_counter()
+    # Every record names the code the workers loaded at the start, not whatever HEAD is when it is
+    # written (a sweep runs for hours; edits meanwhile do not reach the running workers).
+    code = git_commit()
     pool = _Pool(jobs, tiny=tiny)
     try:
         bar = tqdm(total=0, desc=f"sweep {sweep.name}", disable=not progress)
-        chosen = _tune(sweep, out, pool, keys, bar)
+        chosen = _tune(sweep, out, pool, keys, bar, code)
         table = {f"{k[0]} r{k[3]}": {"lr": lr, "val_accuracy": t} for k, (lr, t) in chosen.items()}
         atomic_write_json(Path(out) / "llm_scale" / sweep.name / "tuning.json",
                           {"sweep": sweep.name, "tuned_at": {"clients": sweep.tune_cell[0],
@@ -342,7 +353,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
         bar.total += len(ejobs)
         bar.refresh()
         rows = []
-        for res in pool.map(ejobs):
+        for res in pool.map(_stamp(ejobs, code)):
             rows.append(res)
             bar.update(1)
             bar.set_postfix_str(f"{Path(res['path']).parent.name} {Path(res['path']).name.split('_')[0]}: "

@@ -107,6 +107,9 @@ def test_sweep_tunes_on_validation_runs_every_cell_and_resumes(table, tmp_path):
         tuned = r["tune_val_accuracy"]
         best = max(sorted(tuned, key=float), key=lambda k: tuned[k])  # the tuning table picks the lr used
         assert float(best) == r["lr"]
+    from fedlora.provenance import git_commit
+
+    assert {r["git_commit"] for r in evals + tunes} == {git_commit()}  # the code at the sweep's start
     chosen = json.loads((root / "tuning.json").read_text())["chosen"]
     assert set(chosen) == {"centralised r2", "centralised r4", "fedavg r2", "fedavg r4", "rolora r2", "rolora r4",
                            "full r2"}
