@@ -81,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed every instance derives from")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: small ops, shared 2-core machine)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads {args.threads}: use 1 or more")
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     t0 = time.perf_counter()

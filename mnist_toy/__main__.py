@@ -17,18 +17,23 @@ import tomllib
 import typing
 from pathlib import Path
 
-from fedlora.config import from_mapping
+from fedlora.config import ConfigError, from_mapping
 
 from .config import ToyConfig
 from .data import load_mnist
 
 
 def _add_config_flags(ap: argparse.ArgumentParser) -> None:
+    from .config import METHODS, PARTITIONS
+
     hints = typing.get_type_hints(ToyConfig)
+    choices = {"method": METHODS, "partition": PARTITIONS}
     for f in dataclasses.fields(ToyConfig):
         t = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        if t is bool:
+        if f.name in choices:
+            ap.add_argument(flag, choices=choices[f.name], default=None)
+        elif t is bool:
             ap.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
         elif t in (int, float, str):
             ap.add_argument(flag, type=t, default=None)
@@ -51,7 +56,8 @@ def _parse_set(items) -> dict:
 
 def main_run(argv) -> None:
     ap = argparse.ArgumentParser(prog="python -m mnist_toy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="subcommand: `python -m mnist_toy sweep --help` (tuned sweeps: main, rank, paper, quick)")
     ap.add_argument("--out", type=Path, required=True, help="directory for the run's JSON")
     ap.add_argument("--config", type=Path, default=None, help="TOML file of ToyConfig fields")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any field (TOML value syntax)")
@@ -91,19 +97,30 @@ def main_sweep(argv) -> None:
     ap.add_argument("--dry-run", action="store_true", help="list the cells without running")
     _data_flags(ap)
     a = ap.parse_args(argv)
+    from .config import METHODS
+
+    bad = [m for m in a.methods or () if m not in METHODS]
+    if bad:
+        raise ConfigError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     sweep = PRESETS["quick" if a.quick else a.preset]
     data = None if a.dry_run else load_mnist(data_dir=a.data_dir, cache_dir=a.cache_dir)
     run_sweep(sweep, out=a.out, data=data, seeds=tuple(a.seeds) if a.seeds else None,
               methods=tuple(a.methods) if a.methods else None, dry_run=a.dry_run)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Bad arguments, configs or data print one line naming the problem and the fix, exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "sweep":
-        main_sweep(argv[1:])
-    else:
-        main_run(argv[1:] if argv and argv[0] == "run" else argv)
+    try:
+        if argv and argv[0] == "sweep":
+            main_sweep(argv[1:])
+        else:
+            main_run(argv[1:] if argv and argv[0] == "run" else argv)
+    except (ConfigError, FileNotFoundError, tomllib.TOMLDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
