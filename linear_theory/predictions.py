@@ -13,7 +13,7 @@ from .model import LinearProblem, dtype
 
 __all__ = ["rolora_angle_step", "rolora_angle_trajectory", "rolora_bound_factor", "heterogeneity_term",
            "ffa_floor", "ffa_floor_rank1", "rank_floor", "lora_gradients", "fedavg_inexactness",
-           "client_drift_fixed_point", "weighted_optimum"]
+           "client_drift_fixed_point", "weighted_optimum", "round_map"]
 
 
 # ---- 1. rank-1 RoLoRA -------------------------------------------------------------------------
@@ -163,3 +163,35 @@ def weighted_optimum(W_star: Tensor, H: Tensor, p: Tensor) -> Tensor:
     lhs = torch.einsum("k,kmn,knj->mj", p, W_star, H)
     Hbar = torch.einsum("k,knj->nj", p, H)
     return torch.linalg.solve(Hbar.T, lhs.T).T
+
+
+# ---- every analysis: the server step the theory assumes -------------------------------------------
+
+def round_map(rule: str, state, updates, p: Tensor, trains: str) -> Tensor:
+    """The effective weight ``W − W0`` (m × n) that the paper's server step gives after one round,
+    formed densely from what the clients sent (``ClientUpdate``\ s) and the previous global:
+
+    - fedavg:   s (Σ p_k B_k)(Σ p_k A_k)                       (the product of the averages)
+    - ffa:      s (Σ p_k B_k) A,        A the frozen global
+    - rolora:   s (Σ p_k B_k) A  on B-rounds,  s B (Σ p_k A_k)  on A-rounds
+    - fedex:    base + Σ p_k s B_k A_k                          (exact: the residual joins the base)
+    - flexlora: Σ p_k s_k B_k A_k                               (the SVD keeps every direction)
+    - flora:    base + Σ p_k s_k B_k A_k                        (the stack is merged into W0)
+    - full, full-galore: Σ p_k W_k
+
+    Every analysis checks the core's aggregate against this on every round of its runs, so a bound
+    that any rank-r weight satisfies is paired with an exact check of the rule that produced it.
+    """
+    pw = [float(x) for x in p]
+    if rule in ("full", "full-galore"):
+        return sum(pk * u.W for pk, u in zip(pw, updates))
+    base = state.base.dense() if state.base is not None else 0.0
+    g = state.lora
+    if rule in ("fedex", "flexlora", "flora"):
+        prod = sum(pk * u.scale * (u.B @ u.A) for pk, u in zip(pw, updates))
+        return prod if rule == "flexlora" else base + prod
+    A = sum(pk * u.A for pk, u in zip(pw, updates)) if "A" in trains else g.A
+    B = sum(pk * u.B for pk, u in zip(pw, updates)) if "B" in trains else g.B
+    if rule not in ("fedavg", "ffa", "rolora", "rolora-chain"):
+        raise ValueError(f"no round map for rule {rule!r}")
+    return base + g.scale * (B @ A)

@@ -7,6 +7,7 @@ MNIST toy and the LLMs run.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Union
 
@@ -16,8 +17,24 @@ from torch import Tensor
 from fedlora import ClientUpdate, GlobalMatrix, LoRAFactors, RoundContext, aggregate, get_rule
 
 from .model import LinearProblem, dtype
+from .predictions import round_map
 
-__all__ = ["LocalSpec", "local_train", "run_federated", "RunTrace", "effective_weight", "lora_state"]
+__all__ = ["LocalSpec", "local_train", "run_federated", "RunTrace", "effective_weight", "lora_state",
+           "round_map_log"]
+
+_RUNS: Optional[list] = None  # inside ``round_map_log``: (rule, rounds, max round-map error) per run
+
+
+@contextmanager
+def round_map_log():
+    """Collect every run's round-map check made inside the block (``analyses.run_all`` turns them
+    into one exact record per analysis)."""
+    global _RUNS
+    outer, _RUNS = _RUNS, []
+    try:
+        yield _RUNS
+    finally:
+        _RUNS = outer
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class RunTrace:
     state: GlobalMatrix
     losses: list[float]  # evaluation after every round (index 0: before training)
     extra: list  # what ``observe`` returned after every round (index 0: before training)
+    round_map_error: float = 0.0  # max over rounds of ‖core aggregate − predictions.round_map‖ / ‖round_map‖
 
 
 def run_federated(problem: LinearProblem, rule_name: str, init: GlobalMatrix, *, rounds: int,
@@ -120,17 +138,23 @@ def run_federated(problem: LinearProblem, rule_name: str, init: GlobalMatrix, *,
         W = effective_weight(view(state, 0, 0))
         return ev.loss(W), (observe(state) if observe is not None else None)
 
-    state = init
+    state, map_err = init, 0.0
     first = measure(state)
     losses, extra = [first[0]], [first[1]]
     for t in range(rounds):
         trains = rule.trains(t)
         spec = local[trains] if isinstance(local, Mapping) else local
         updates = [local_train(problem, k, view(state, k, t), trains, spec) for k in range(K)]
-        state = aggregate(rule, state, updates, problem.p, ctx=RoundContext(round=t, **ctx_extra)).state
+        new = aggregate(rule, state, updates, problem.p, ctx=RoundContext(round=t, **ctx_extra)).state
+        want = round_map(rule_name, state, updates, problem.p, trains)
+        err = float((effective_weight(new) - want).norm()) / max(float(want.norm()), 1e-300)
+        map_err = max(map_err, err)
+        state = new
         if post_round is not None:
             state = post_round(state, t)
         loss, obs = measure(state)
         losses.append(loss)
         extra.append(obs)
-    return RunTrace(state=state, losses=losses, extra=extra)
+    if _RUNS is not None:
+        _RUNS.append((rule_name, rounds, map_err))
+    return RunTrace(state=state, losses=losses, extra=extra, round_map_error=map_err)
