@@ -35,7 +35,8 @@ from .linalg import compute_dtype, weighted_sum
 from .seeding import derive_seed, generator
 from .validation import UpdateError, normalize_weights, validate_dense, validate_updates
 
-__all__ = ["ClientTask", "ClientResult", "RunResult", "run_federated", "sample_clients", "client_view"]
+__all__ = ["ClientTask", "ClientResult", "RunResult", "run_federated", "sample_clients", "client_view", "make_task",
+           "RoundServer", "round_record", "save_round", "resume_run"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,15 @@ def client_view(rule: Rule, state: State, *, client: int, round_: int, seed: int
     return out
 
 
+def make_task(rule: Rule, cfg: FedConfig, state: State, *, client: int, round_: int, rank: Optional[int],
+              scale: Optional[float], local: Mapping[str, Tensor]) -> ClientTask:
+    """Client ``client``'s task in round ``round_``: its own view of the global and its seeded draws."""
+    return ClientTask(client=client, round=round_, trains=rule.trains(round_),
+                      seed=derive_seed(cfg.seed, "client", round_, client),
+                      local_optimizer=rule.local_optimizer, local=local,
+                      start=client_view(rule, state, client=client, round_=round_, seed=cfg.seed, rank=rank, scale=scale))
+
+
 def _upload(params: Params, trains: str, state: State, client: int) -> dict[str, Union[ClientUpdate, Tensor]]:
     """Keep only what was trained: that is what goes on the wire."""
     missing = [name for name in state if name not in params]
@@ -149,7 +159,7 @@ def _weight(res: ClientResult, cfg: FedConfig, client: int) -> float:
     return w
 
 
-class _Round:
+class RoundServer:
     """The server side of one round: takes finished clients one at a time, then aggregates.
 
     Under ``on_bad_update="drop"`` a client whose upload fails validation is left out and recorded;
@@ -301,17 +311,10 @@ def run_federated(cfg: FedConfig, *, init: State,
         raise ConfigError(f"client_ranks has {len(client_ranks)} entries for {cfg.num_clients} clients")
     state, history, start = dict(init), [], 0
     client_state: dict[int, dict[str, Tensor]] = {}
-    cfg_json = dataclasses.asdict(cfg)
     if checkpoint_dir is not None and resume:
-        loaded = load_checkpoint(Path(checkpoint_dir))
+        loaded = resume_run(Path(checkpoint_dir), cfg)
         if loaded is not None:
-            state, info = loaded
-            if info.get("config") != cfg_json:
-                raise ConfigError(f"checkpoint in {checkpoint_dir} was written with config {info.get('config')}, "
-                                  f"not {cfg_json}; resume with the same config or use a fresh directory")
-            history, start = info["history"], info["round_done"] + 1
-            client_state = info.get("client_state", {})
-            log.info("resumed from round %d", start)
+            state, history, start, client_state = loaded
 
     rounds = range(start, cfg.rounds)
     if progress:
@@ -328,44 +331,73 @@ def run_federated(cfg: FedConfig, *, init: State,
             on_round_start(t, state)
 
         def task_of(c: int) -> ClientTask:  # made when the client starts: one view in memory at a time
-            return ClientTask(client=c, round=t, trains=trains, seed=derive_seed(cfg.seed, "client", t, c),
-                              local_optimizer=rule.local_optimizer, local=client_state.get(c, {}),
-                              start=client_view(rule, state, client=c, round_=t, seed=cfg.seed,
-                                                rank=rank_of(c), scale=scale_of(c)))
+            return make_task(rule, cfg, state, client=c, round_=t, rank=rank_of(c), scale=scale_of(c),
+                             local=client_state.get(c, {}))
 
         batched = local_train_batch is not None and not rule.chain
-        server = _Round(rule, state, cfg, t, on_bad_update, client_ranks, client_scales,
-                        fold=rule.linear and not batched)
+        server = RoundServer(rule, state, cfg, t, on_bad_update, client_ranks, client_scales,
+                             fold=rule.linear and not batched)
         for c, res in _train(clients, task_of, local_train, local_train_batch if batched else None,
                              chain=rule.chain, trains=trains):
             if server.add(c, res) and res.local:
                 client_state[c] = dict(res.local)
         state, aggs = server.finish()
 
-        comm = RoundComm()
-        for c in server.kept:
-            comm.uplink[c] = server.uplink[c]
-            r = rank_of(c)
-            comm.downlink[c] = sum(nbytes(a) if isinstance(a, Tensor) else
-                                   rule.client_downlink_bytes(a, r if r is not None else _rank(a))
-                                   for a in aggs.values())
-        p = torch.tensor(server.weights, dtype=torch.float64)
-        p = p / p.sum() if float(p.sum()) > 0 else p
-        record = {"round": t, "clients": list(server.kept), "trains": trains,
-                  "train": _weighted_metrics(server.metrics, p), "rejected": server.rejected, **comm.as_dict()}
+        record = round_record(rule, server, aggs, rank_of=rank_of)
         last = t == cfg.rounds - 1
         if evaluate is not None and ((t + 1) % cfg.eval_every == 0 or last):
             record["eval"] = {k: float(v) for k, v in evaluate(t, state).items()}
         history.append(record)
         if checkpoint_dir is not None and ((t + 1) % cfg.checkpoint_every == 0 or last):
-            save_checkpoint(Path(checkpoint_dir), state=state, round_done=t, client_state=client_state,
-                            info={"config": cfg_json, "history": history, "seed": cfg.seed,
-                                  "rng": "all draws derive from (seed, round, client, purpose): fedlora.seeding",
-                                  **(run_info or {})})
+            save_round(Path(checkpoint_dir), cfg, state=state, round_done=t, history=history,
+                       client_state=client_state, run_info=run_info)
         done_here += 1
         if stop_after is not None and done_here >= stop_after:
             break
     return RunResult(state=state, history=history, client_state=client_state)
+
+
+def round_record(rule: Rule, server: RoundServer, aggs: Mapping, *,
+                 rank_of: Callable[[int], Optional[int]]) -> dict:
+    """One round's history record: who was kept and rejected, the weighted train metrics, the bytes.
+
+    Downlink: what each kept client receives after aggregation (``Rule.client_downlink_bytes``);
+    uplink: the raw bytes of what it trained (``RoundServer.add``)."""
+    comm = RoundComm()
+    for c in server.kept:
+        comm.uplink[c] = server.uplink[c]
+        r = rank_of(c)
+        comm.downlink[c] = sum(nbytes(a) if isinstance(a, Tensor) else
+                               rule.client_downlink_bytes(a, r if r is not None else _rank(a))
+                               for a in aggs.values())
+    p = torch.tensor(server.weights, dtype=torch.float64)
+    p = p / p.sum() if float(p.sum()) > 0 else p
+    return {"round": server.t, "clients": list(server.kept), "trains": server.trains,
+            "train": _weighted_metrics(server.metrics, p), "rejected": server.rejected, **comm.as_dict()}
+
+
+def save_round(directory: Path, cfg: FedConfig, *, state: State, round_done: int, history: list,
+               client_state: Mapping, run_info: Optional[Mapping] = None) -> None:
+    """Checkpoint after ``round_done`` with what ``resume_run`` needs (config, history, seed)."""
+    save_checkpoint(Path(directory), state=state, round_done=round_done, client_state=client_state,
+                    info={"config": dataclasses.asdict(cfg), "history": history, "seed": cfg.seed,
+                          "rng": "all draws derive from (seed, round, client, purpose): fedlora.seeding",
+                          **(run_info or {})})
+
+
+def resume_run(directory: Path, cfg: FedConfig) -> Optional[tuple[dict, list, int, dict]]:
+    """``(state, history, next round, client_state)`` from ``directory``'s checkpoint, or ``None``."""
+    loaded = load_checkpoint(Path(directory))
+    if loaded is None:
+        return None
+    state, info = loaded
+    cfg_json = dataclasses.asdict(cfg)
+    if info.get("config") != cfg_json:
+        raise ConfigError(f"checkpoint in {directory} was written with config {info.get('config')}, "
+                          f"not {cfg_json}; resume with the same config or use a fresh directory")
+    start = info["round_done"] + 1
+    log.info("resumed from round %d", start)
+    return state, info["history"], start, info.get("client_state", {})
 
 
 def _train(clients, task_of, local_train, local_train_batch, *, chain: bool,

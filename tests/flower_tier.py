@@ -1,0 +1,77 @@
+"""The linear test tier on Flower: its ClientApp, scenario configs and their in-process references.
+
+Faults are keyed by the run's seed: with ``FAULT_SEED`` client ``RAISES`` raises and client ``NAN``
+returns NaN factors in round ``FAULT_ROUND``; with any other seed every client is honest. The
+in-process reference of such a run returns NaN for both, so the loop (``on_bad_update="drop"``) drops them.
+"""
+from __future__ import annotations
+
+import torch
+
+from fedlora.config import FedConfig
+from fedlora.factors import LoRAFactors
+from fedlora.flower import client_app
+from fedlora.loop import ClientResult, run_federated
+from fedlora.seeding import derive_seed
+
+from linear_tier import init_state, make_clients, make_evaluate, make_local_train
+
+NODES = 4
+DATA = make_clients(NODES)
+SEED, FAULT_SEED = 3, 7
+FAULT_ROUND, RAISES, NAN = 1, 1, 3  # round 2 (0-based 1): client 1 raises, client 3 sends NaN factors
+
+
+def _nan(res: ClientResult) -> ClientResult:
+    f = res.params["w"]
+    return ClientResult(params={"w": LoRAFactors(A=f.A * float("nan"), B=f.B, scale=f.scale)},
+                        num_samples=res.num_samples, metrics=res.metrics)
+
+
+def _is(task, client: int) -> bool:
+    return task.seed == derive_seed(FAULT_SEED, "client", FAULT_ROUND, client)
+
+
+def node_local_train(task):
+    """What each node runs: the honest tier, with the two faults of a FAULT_SEED run."""
+    if _is(task, RAISES):
+        raise RuntimeError("disk full")
+    res = make_local_train(DATA)(task)
+    return _nan(res) if _is(task, NAN) else res
+
+
+def reference_local_train(task):
+    """In-process stand-in for a faulty run: both faulty clients send NaN, so the loop drops both."""
+    res = make_local_train(DATA)(task)
+    return _nan(res) if _is(task, RAISES) or _is(task, NAN) else res
+
+
+def make_app():
+    return client_app(lambda context: node_local_train)
+
+
+def cfg(rule: str, *, rounds: int = 3, seed: int = SEED, cpr: float = 0.75) -> FedConfig:
+    return FedConfig(rule=rule, rounds=rounds, num_clients=NODES, clients_per_round=cpr, seed=seed)
+
+
+def ranks(rule: str) -> dict:
+    return dict(client_ranks=[2, 1, 2, 1], client_scales=[1.0] * NODES) if rule in ("flexlora", "flora") else {}
+
+
+def in_process(c: FedConfig, **kw):
+    return run_federated(c, init=init_state(c.rule), local_train=reference_local_train, evaluate=make_evaluate(DATA),
+                         on_bad_update="drop", progress=False, **ranks(c.rule), **kw)
+
+
+def strategy_kwargs(c: FedConfig) -> dict:
+    return dict(cfg=c, init=init_state(c.rule), evaluate=make_evaluate(DATA), round_timeout=120.0,
+                connect_timeout=120.0, **ranks(c.rule))
+
+
+def assert_same_state(a, b) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name].effective_delta(), b[name].effective_delta(), rtol=1e-10, atol=1e-12)
+        if a[name].lora is not None:
+            torch.testing.assert_close(a[name].lora.A, b[name].lora.A, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a[name].lora.B, b[name].lora.B, rtol=1e-10, atol=1e-12)
