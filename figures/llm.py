@@ -122,7 +122,7 @@ def _stats(xs) -> tuple[float, float]:
 
 def plot_scaling(runs: list[dict]):
     cells = scaling_cells(runs)
-    parts = sorted({k[1] for k in cells if k[1] is not None})
+    parts = sorted({k[1] for k in cells if k[1] is not None}, key=lambda x: (x != "iid", x))
     ranks = sorted({k[2] for k in cells if k[1] is not None})
     methods = _order({k[0] for k in cells if k[0] != CENTRAL})
     fig, axes = plt.subplots(len(ranks), len(parts), figsize=(5.2 * len(parts), 3.8 * len(ranks)), squeeze=False,
@@ -162,7 +162,7 @@ def plot_scaling_uplink(runs: list[dict]):
     """Final accuracy against the run's total uplink bytes (all clients): one marker per run, one
     colour per rule, one marker shape per number of clients."""
     runs = [r for r in runs if r["method"] != CENTRAL and r["final_test_accuracy"] is not None]
-    parts = sorted({r["partition"] for r in runs})
+    parts = sorted({r["partition"] for r in runs}, key=lambda x: (x != "iid", x))
     ranks = sorted({r["rank"] for r in runs if r["method"] not in RANKLESS})
     methods = _order({r["method"] for r in runs})
     shapes = {c: s for c, s in zip(sorted({r["clients"] for r in runs}), "os^Dv")}
@@ -193,7 +193,7 @@ def scaling_table(runs: list[dict]) -> str:
     """Markdown: mean ± sample std (ddof 1) over seeds per rule × clients, one block per (partition,
     rank), the rounds of each column, and the paper's Table 2 (rank 2) for the rules it reports."""
     cells = scaling_cells(runs)
-    parts = sorted({k[1] for k in cells if k[1] is not None})
+    parts = sorted({k[1] for k in cells if k[1] is not None}, key=lambda x: (x != "iid", x))
     ranks = sorted({k[2] for k in cells if k[1] is not None})
     clients = sorted({k[3] for k in cells if k[1] is not None})
     methods = _order({k[0] for k in cells if k[0] != CENTRAL})
@@ -226,6 +226,7 @@ def scaling_table(runs: list[dict]) -> str:
                 lines.append(f"| centralised | {mu:.3f} ± {sd:.3f} (n={len(c)}), same total steps |"
                              + " |" * len(clients))
             lines.append("")
+    lines += paired_lines(runs, parts, ranks, clients)
     lines += ["**RoLoRA paper, Table 2** (RoBERTa-Large, rank 2, accuracy %: SST-2 / QNLI / MNLI / QQP / RTE)", "",
               "| rule | 3 clients | 50 clients | MNLI 3 → 50 |", "|---|---|---|---|"]
     for m in ("fedavg", "ffa", "rolora"):
@@ -233,6 +234,37 @@ def scaling_table(runs: list[dict]) -> str:
         lines.append(f"| {m} | {' / '.join(f'{x:.2f}' for x in a)} | {' / '.join(f'{x:.2f}' for x in b)} | "
                      f"{b[2] - a[2]:+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_{0.975, dof}
+PAIRS = (("rolora", "fedavg"), ("ffa", "fedavg"), ("rolora-chain", "rolora"))
+
+
+def paired_lines(runs: list[dict], parts, ranks, clients) -> list[str]:
+    """Paired differences over seeds (same seed = same partition, init and batch order): mean and
+    95% t-interval; a difference counts only when its interval excludes 0."""
+    acc = {(r["method"], r["partition"], r["rank"], r["clients"], r["seed"]): r["final_test_accuracy"]
+           for r in runs if r["final_test_accuracy"] is not None}
+    lines = ["**Paired differences** (same seeds; mean [95% t-interval]; **bold** when the interval excludes 0)", "",
+             "| partition, rank | pair | " + " | ".join(f"{c} clients" for c in clients) + " |",
+             "|---|---|" + "---|" * len(clients)]
+    for rank in ranks:
+        for part in parts:
+            for a, b in PAIRS:
+                row = []
+                for c in clients:
+                    seeds = sorted(s for (m, p, r, cc, s) in acc if (m, p, r, cc) == (a, part, rank, c)
+                                   and (b, part, rank, c, s) in acc)
+                    if len(seeds) < 2:
+                        row.append("—")
+                        continue
+                    d = np.array([acc[(a, part, rank, c, s)] - acc[(b, part, rank, c, s)] for s in seeds])
+                    h = T95.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+                    cell = f"{d.mean():+.3f} [{d.mean() - h:+.3f}, {d.mean() + h:+.3f}]"
+                    row.append(f"**{cell}**" if d.mean() - h > 0 or d.mean() + h < 0 else cell)
+                if any(x != "—" for x in row):
+                    lines.append(f"| {part}, r{rank} | {a} − {b} | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:

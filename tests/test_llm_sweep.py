@@ -130,3 +130,22 @@ def test_sweep_cli_dry_run_and_bad_input(capsys):
     assert "unknown method 'fedsgd'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sweep", "--preset", "nope", "--out", "/tmp/unused"])
+
+
+def test_scaling_table_pairs_seeds_and_marks_only_intervals_that_exclude_zero(tmp_path):
+    from figures.llm import make_all, paired_lines, scaling_table
+
+    runs = []
+    for seed, noise in enumerate((0.0, 0.01, -0.01)):
+        for method, acc in (("fedavg", 0.60), ("rolora", 0.70), ("ffa", 0.60), ("rolora-chain", 0.70)):
+            jitter = noise if method in ("fedavg", "rolora") else (-1) ** seed * 0.05
+            runs.append(dict(method=method, partition="iid", rank=2, clients=3, seed=seed, rounds_done=5,
+                             final_test_accuracy=acc + jitter, sweep="s", role="eval", uplink_bytes=1))
+    lines = "\n".join(paired_lines(runs, ["iid"], [2], [3]))
+    assert "**+0.100 [+0.100, +0.100]**" in lines  # rolora − fedavg: same noise on both, paired out
+    ffa = next(line for line in lines.splitlines() if "ffa − fedavg" in line)
+    assert "**" not in ffa  # ±0.05 alternating: the interval covers 0
+    table = scaling_table(runs)
+    assert "0.700 ± 0.010 (n=3)" in table and "RoLoRA paper, Table 2" in table
+    (tmp_path / "r").mkdir()
+    assert make_all(tmp_path / "r", tmp_path / "fig") == []  # no results: nothing drawn, no error
