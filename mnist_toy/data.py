@@ -130,4 +130,15 @@ def load_mnist(*, data_dir: Optional[Path] = None, cache_dir: Optional[Path] = N
         if x.shape != (n, 784) or y.shape != (n,):
             raise ValueError(f"MNIST {split} has shapes {x.shape}, {y.shape}; expected ({n}, 784), ({n},). "
                              f"Delete {cache} if it is stale.")
-    return Mnist(source=source, **arrays)
+    return Mnist(source=_portable_source(source), **arrays)
+
+
+def _portable_source(source: str) -> str:
+    """``package:/abs/site-packages/pkg/data`` -> ``package:pkg/data``; other absolute paths via
+    ``portable_path``: a result file never records the machine's absolute paths."""
+    from fedlora.provenance import portable_path
+
+    prefix, sep, path = source.partition(":")
+    if sep and path.startswith("/"):
+        return prefix + ":" + (path.split("site-packages/", 1)[1] if "site-packages/" in path else portable_path(path))
+    return portable_path(source) if source.startswith("/") else source
