@@ -1,9 +1,15 @@
 """Sweeps: a learning-rate grid tuned the same way for every method, then the evaluation seeds.
 
-For every (local work, client setting, method) cell: run each lr of the grid once on the tuning seed,
-keep the lr with the best final *validation* accuracy (held out of the training set; the test set is
-never used to choose), then run every evaluation seed at that lr. One JSON per run; a run whose JSON
+For every (local work, client setting, method) cell: run each lr of the grid on every tuning seed
+(never an evaluation seed), keep the lr with the best *mean* final validation accuracy over them (held
+out of the training set; the test set is never used to choose), growing the grid past an edge while
+the best lr sits there, then run every evaluation seed at that lr. One JSON per run; a run whose JSON
 exists is skipped, so an interrupted sweep resumes by re-running the same command.
+
+Settings are ``Setting(clients, partition, labels_per_client)``; a plain ``(clients, labels)`` pair
+means the label partition. With ``total_client_steps`` the budget is fixed across settings: every
+run gets ``total_client_steps / (clients × local_steps)`` rounds (the RoLoRA paper's 500 / 75 / 30
+rounds for 3 / 20 / 50 clients), so more clients means fewer rounds.
 """
 from __future__ import annotations
 
@@ -22,9 +28,29 @@ from .config import CENTRALISED, ToyConfig
 from .data import Mnist
 from .run import run, run_filename
 
-__all__ = ["Sweep", "PRESETS", "run_sweep", "MAIN_METHODS"]
+__all__ = ["Sweep", "Setting", "Work", "PRESETS", "run_sweep", "MAIN_METHODS", "SCALING_METHODS"]
 
 MAIN_METHODS = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
+SCALING_METHODS = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "full")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the training pool is split: ``clients`` clients, by ``partition`` ("labels": whole classes,
+    ``labels_per_client`` each; "dirichlet": Dirichlet(0.5) label skew; "iid": equal random shards)."""
+
+    clients: int
+    partition: str = "labels"
+    labels_per_client: int = 1
+
+    @staticmethod
+    def of(x) -> "Setting":
+        return x if isinstance(x, Setting) else Setting(clients=x[0], labels_per_client=x[1])
+
+    def dir_name(self) -> str:
+        if self.partition == "labels":  # the main table's folders: 10x1_labels, 5x2_labels
+            return f"{self.clients}x{self.labels_per_client}_labels"
+        return f"{self.partition}_c{self.clients}"
 
 
 @dataclass(frozen=True)
@@ -33,23 +59,55 @@ class Work:
 
     local_steps: int = 20
     local_epochs: int = 0
-    rounds: int = 100
+    rounds: int = 100  # ignored when the sweep fixes ``total_client_steps``
 
 
 @dataclass(frozen=True)
 class Sweep:
     name: str
     methods: tuple[str, ...] = MAIN_METHODS
-    settings: tuple[tuple[int, int], ...] = ((10, 1), (5, 2))  # (clients, labels per client)
+    settings: tuple = ((10, 1), (5, 2))  # Setting(...)s, or (clients, labels per client) pairs
     works: tuple[Work, ...] = (Work(20, 0, 100), Work(0, 1, 50), Work(0, 5, 20))
     ranks: tuple[int, ...] = (8,)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3)  # the start of the grid, the same for every method
     lr_extend: tuple[float, ...] = (0.01, 1.0)  # tried (once each) when the best lr sits at that edge of the grid
-    tune_seed: int = 100  # never one of the evaluation seeds
+    lr_factor: Optional[float] = None  # instead of lr_extend: grow the grid by this factor while the best is at an edge
+    lr_bounds: tuple[float, float] = (1e-4, 10.0)  # lr_factor never goes past these
+    tune_seeds: tuple[int, ...] = (100,)  # never evaluation seeds; the lr with the best mean over them wins
     tune_setting_only: Optional[tuple[int, int]] = (10, 1)  # tune here, reuse the lr for the other settings
+    tune_partition: Optional[str] = None  # tune at the same clients under this partition, reuse for the others
+    total_client_steps: Optional[int] = None  # fixed budget: rounds = this / (clients × local_steps)
+    evals_per_run: Optional[int] = None  # evaluate every max(1, rounds // this) rounds (None: every round)
     centralised: bool = True
+    centralised_clients: int = 10  # centralised does the work of this many clients per round
     base: dict = dataclasses.field(default_factory=dict)  # extra ToyConfig fields for every run
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", tuple(Setting.of(x) for x in self.settings))
+        if self.total_client_steps is not None:
+            for w in self.works:
+                for st in list(self.settings) + [Setting(self.centralised_clients)]:
+                    self.rounds(w, st.clients)  # raises now, not hours into the sweep
+
+    def rounds(self, work: Work, clients: int) -> int:
+        if self.total_client_steps is None:
+            return work.rounds
+        per_round = clients * work.local_steps
+        if work.local_epochs or self.total_client_steps % per_round:
+            raise ValueError(f"total_client_steps={self.total_client_steps} is not a whole number of rounds of "
+                             f"{clients} clients × {work.local_steps} local steps (epochs cannot be budgeted)")
+        return self.total_client_steps // per_round
+
+    def tune_setting(self, setting: Optional[Setting]) -> Optional[Setting]:
+        """Where the lr used for ``setting`` is tuned (None: centralised, tuned on itself)."""
+        if setting is None:
+            return None
+        if self.tune_partition is not None:
+            return dataclasses.replace(setting, partition=self.tune_partition)
+        if self.tune_setting_only is not None:
+            return Setting.of(self.tune_setting_only)
+        return setting
 
     def cells(self):
         """(work, setting or None for centralised, method, rank) in the order they run: the first
@@ -77,19 +135,33 @@ PRESETS = {
     # `make reproduce`: minutes, not hours. Same code path, fewer rounds/seeds/methods, smaller grid.
     "quick": Sweep(name="quick", methods=("fedavg", "ffa", "rolora", "fedex", "flora", "full"), settings=((10, 1),),
                    works=(Work(20, 0, 30),), ranks=(8,), seeds=(0, 1), lr_grid=(0.1, 0.3), lr_extend=()),
+    # The client-scaling claim with the budget fixed: 55,000 training images split over 5 … 100 clients
+    # (IID shards or Dirichlet(0.5) label skew), 10,000 client-steps of batch 64 in total (≈ 11.6
+    # passes), 10 local steps: 200 / 100 / 50 / 20 / 10 rounds. The lr is tuned per (rule, clients) on
+    # the Dirichlet split, by mean validation accuracy over 3 tuning seeds on a ×2 grid grown past an
+    # edge until the best is interior, and reused for IID (re-tuned there if it diverges). 20
+    # evaluations per run (every round at 10 rounds, every 10th at 200) keep evaluation from dominating.
+    "scaling": Sweep(name="scaling", methods=SCALING_METHODS,
+                     settings=tuple(Setting(k, p) for p in ("dirichlet", "iid") for k in (5, 10, 20, 50, 100)),
+                     works=(Work(10, 0, 0),), total_client_steps=10_000, ranks=(8,), seeds=(0, 1, 2, 3, 4),
+                     lr_grid=(0.05, 0.1, 0.2), lr_extend=(), lr_factor=2.0, tune_seeds=(100, 101, 102),
+                     tune_setting_only=None, tune_partition="dirichlet", evals_per_run=20),
 }
 
 
-def _cfg(sweep: Sweep, work: Work, setting, method: str, rank: int, *, lr: float, seed: int) -> ToyConfig:
-    clients, lpc = setting if setting is not None else (10, 1)  # centralised: budget of 10 clients
-    return ToyConfig(method=method, partition="labels", clients=clients, labels_per_client=lpc, rank=rank,
-                     rounds=work.rounds, local_steps=work.local_steps, local_epochs=work.local_epochs,
-                     lr=lr, seed=seed, **sweep.base)
+def _cfg(sweep: Sweep, work: Work, setting: Optional[Setting], method: str, rank: int, *, lr: float,
+         seed: int) -> ToyConfig:
+    st = setting if setting is not None else Setting(sweep.centralised_clients)  # centralised: that budget
+    rounds = sweep.rounds(work, st.clients)
+    every = {"eval_every": max(1, rounds // sweep.evals_per_run)} if sweep.evals_per_run else {}
+    return ToyConfig(method=method, partition=st.partition, clients=st.clients, labels_per_client=st.labels_per_client,
+                     rank=rank, rounds=rounds, local_steps=work.local_steps, local_epochs=work.local_epochs,
+                     lr=lr, seed=seed, **every, **sweep.base)
 
 
-def _cell_dir(out: Path, sweep: Sweep, cfg: ToyConfig) -> Path:
-    setting = cfg.setting.replace(" ", "_")
-    return out / "mnist_toy" / sweep.name / setting / cfg.local_work.replace(" ", "")
+def _cell_dir(out: Path, sweep: Sweep, setting: Optional[Setting], cfg: ToyConfig) -> Path:
+    name = "centralised" if setting is None else setting.dir_name()
+    return out / "mnist_toy" / sweep.name / name / cfg.local_work.replace(" ", "")
 
 
 def _run_or_load(cfg: ToyConfig, path: Path, data: Mnist, extra: dict) -> dict:
@@ -101,40 +173,59 @@ def _run_or_load(cfg: ToyConfig, path: Path, data: Mnist, extra: dict) -> dict:
     return run(cfg, data=data, out=path, progress=False, extra=extra)
 
 
+def _next_lr(sweep: Sweep, grid: list[float], best: float, tried: list[float]) -> Optional[float]:
+    """The lr to add when ``best`` sits at an edge of ``grid`` (None: it is interior, or nothing is left)."""
+    if sweep.lr_factor:
+        lo, hi = sweep.lr_bounds
+        if best == grid[0] and grid[0] / sweep.lr_factor >= lo:
+            return grid[0] / sweep.lr_factor
+        if best == grid[-1] and grid[-1] * sweep.lr_factor <= hi:
+            return grid[-1] * sweep.lr_factor
+        return None
+    lower = sorted((x for x in sweep.lr_extend if x < grid[0] and x not in tried), reverse=True)
+    upper = sorted(x for x in sweep.lr_extend if x > grid[-1] and x not in tried)
+    if best == grid[0] and lower:
+        return lower[0]
+    if best == grid[-1] and upper:
+        return upper[0]
+    return None
+
+
 def _tune(sweep: Sweep, probe: ToyConfig, where: Path, data: Mnist) -> tuple[float, dict]:
-    """Best lr by final validation accuracy on the tuning seed; the grid grows past an edge if the best
-    lr sits there (one step each way, ``lr_extend``). Ties go to the smaller lr."""
-    grid, tuned = sorted(sweep.lr_grid), {}
-    if len(grid) == 1 and not sweep.lr_extend:  # a fixed lr (e.g. a published one): nothing to tune
+    """The lr with the best mean final validation accuracy over ``tune_seeds``; a diverged run counts
+    as -1. While the best sits at an edge of the grid, the grid grows one step past it (``lr_factor``
+    or ``lr_extend``). Ties go to the smaller lr. Returns the lr and the whole tuning table."""
+    grid = sorted(sweep.lr_grid)
+    if len(grid) == 1 and not sweep.lr_extend and not sweep.lr_factor:  # a fixed (e.g. published) lr
         return grid[0], {}
-    lo = sorted(x for x in sweep.lr_extend if x < grid[0])[::-1]
-    hi = sorted(x for x in sweep.lr_extend if x > grid[-1])
+    table: dict[float, dict[int, float]] = {}
     while True:
         for lr in grid:
-            if lr not in tuned:
-                cfg = dataclasses.replace(probe, lr=lr)
-                rec = _run_or_load(cfg, where / run_filename(cfg), data, {"sweep": sweep.name, "role": "tune"})
-                acc = rec["final_val_accuracy"]
-                tuned[lr] = acc if acc is not None and acc == acc else -1.0
-        best = max(grid, key=lambda lr: (tuned[lr], -lr))
-        if best == grid[0] and lo:
-            grid.insert(0, lo.pop(0))
-        elif best == grid[-1] and hi:
-            grid.append(hi.pop(0))
-        else:
-            return best, {str(k): v for k, v in sorted(tuned.items())}
+            for seed in sweep.tune_seeds:
+                if seed not in table.setdefault(lr, {}):
+                    cfg = dataclasses.replace(probe, lr=lr, seed=seed)
+                    rec = _run_or_load(cfg, where / run_filename(cfg), data, {"sweep": sweep.name, "role": "tune"})
+                    acc = rec["final_val_accuracy"]
+                    table[lr][seed] = acc if acc is not None and acc == acc else -1.0
+        mean = {lr: sum(v.values()) / len(v) for lr, v in table.items()}
+        best = max(grid, key=lambda lr: (mean[lr], -lr))
+        nxt = _next_lr(sweep, grid, best, list(table))
+        if nxt is None:
+            return best, {f"{lr:g}": {"mean_val_accuracy": mean[lr], "val_accuracy": {str(k): v for k, v in sorted(table[lr].items())}}
+                          for lr in sorted(table)}
+        grid = sorted(grid + [nxt])
 
 
 def _eval_seeds(sweep: Sweep, probe: ToyConfig, cell: Path, seeds, lr: float, tuned: dict, data: Mnist, *,
-                source) -> list[float]:
+                setting: Optional[Setting], source: Optional[Setting]) -> list[float]:
     accs = []
-    where = "this setting" if source is None or source == (probe.clients, probe.labels_per_client) else \
-        f"{source[0]}x{source[1]} labels"
+    where = "this setting" if source is None or source == setting else source.dir_name()
+    grid = {"lr_grid": list(sweep.lr_grid), "lr_extend": list(sweep.lr_extend), "lr_factor": sweep.lr_factor}
     for seed in seeds:
         cfg = dataclasses.replace(probe, lr=lr, seed=seed)
         rec = _run_or_load(cfg, cell / run_filename(cfg), data,
-                           {"sweep": sweep.name, "role": "eval", "lr_grid": list(sweep.lr_grid) + list(sweep.lr_extend),
-                            "tune_seed": sweep.tune_seed, "tune_val_accuracy": tuned, "lr_tuned_on": where})
+                           {"sweep": sweep.name, "role": "eval", **grid, "tune_seeds": list(sweep.tune_seeds),
+                            "tune_val_accuracy": tuned, "lr_tuned_on": where})
         if rec["final_test_accuracy"] is not None:  # a diverged seed is reported, not averaged
             accs.append(rec["final_test_accuracy"])
     return accs
@@ -158,24 +249,25 @@ def run_sweep(sweep: Sweep, *, out: Path, data: Mnist, seeds: Optional[tuple[int
     summary, best_lr, t0 = [], {}, time.perf_counter()
     bar = tqdm(cells, desc=f"sweep {sweep.name}")
     for work, setting, method, rank in bar:
-        probe = _cfg(sweep, work, setting, method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seed)
-        cell = _cell_dir(out, sweep, probe)
+        probe = _cfg(sweep, work, setting, method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seeds[0])
+        cell = _cell_dir(out, sweep, setting, probe)
         bar.set_postfix_str(f"{probe.setting} {probe.local_work} {method} r{rank}")
         if dry_run:
-            print(cell / method)
+            print(f"{cell / method}  ({probe.rounds} rounds × {probe.local_work})")
             continue
-        tune_key = (work, sweep.tune_setting_only if sweep.tune_setting_only and setting else setting, method, rank)
+        source = sweep.tune_setting(setting)
+        tune_key = (work, source, method, rank)
         if tune_key not in best_lr:
-            tcfg = _cfg(sweep, work, tune_key[1], method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seed)
-            best_lr[tune_key] = _tune(sweep, tcfg, _cell_dir(out, sweep, tcfg) / "tune", data)
+            tcfg = _cfg(sweep, work, source, method, rank, lr=sweep.lr_grid[0], seed=sweep.tune_seeds[0])
+            best_lr[tune_key] = _tune(sweep, tcfg, _cell_dir(out, sweep, source, tcfg) / "tune", data)
         best, tuned = best_lr[tune_key]
-        accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, source=tune_key[1])
-        if len(accs) < len(seeds) and tune_key[1] != setting:
+        accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, setting=setting, source=source)
+        if len(accs) < len(seeds) and source != setting:
             # The lr tuned on another setting diverged on some seed here: tune this cell on its own
             # setting (same rule), and mark the runs at the transferred lr as superseded.
             _supersede(cell, probe, seeds, best)
             best, tuned = _tune(sweep, probe, cell / "tune", data)
-            accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, source=setting)
+            accs = _eval_seeds(sweep, probe, cell, seeds, best, tuned, data, setting=setting, source=setting)
         summary.append({"setting": probe.setting, "local_work": probe.local_work, "method": method, "rank": rank,
                         "lr": best, "final_test_accuracy": accs})
         tqdm.write(f"{probe.setting:>14} {probe.local_work:>9} r{rank:<2} {method:>12} lr={best:<5g} "
