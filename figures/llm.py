@@ -5,7 +5,9 @@
 - The client-scaling sweep (``python -m llm_scale sweep``): final test accuracy against the number of
   clients per rule (mean over seeds, band = min..max; centralised as a dashed line), one panel per
   (partition, rank); final accuracy against the run's total uplink bytes; and the table
-  ``llm_<sweep>_table.md`` (mean ± sample std over seeds, with the paper's Table 2 beside it).
+  ``llm_<sweep>_table.md`` (mean ± sample std over seeds, paired differences with 95% t-intervals,
+  and the paper's Table 2 beside it). The figure and table pieces are shared with the MNIST toy
+  (``figures.scaling``), the statistics live in ``figures.stats``.
 
     python -m figures.llm --results results --out results/figures
 """
@@ -19,9 +21,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
+from . import scaling
 from .common import plt, save_figure
+from .scaling import CENTRAL, ordered, paired_lines, scaling_blocks
 
-__all__ = ["load_runs", "plot_accuracy", "make_all"]
+__all__ = ["load_runs", "plot_accuracy", "plot_scaling", "plot_scaling_uplink", "scaling_table", "paired_lines",
+           "make_all"]
 
 
 def load_runs(results_dir: Path) -> list[dict]:
@@ -78,7 +83,6 @@ def plot_accuracy(runs: list[dict], *, x: str = "round"):
 
 
 # ---- the client-scaling sweep ------------------------------------------------------------------------------
-CENTRAL = "centralised"
 RANKLESS = ("full", "full-galore")
 # RoLoRA paper (Chen et al. 2024, arXiv:2409.02346) Table 2: RoBERTa-Large, rank 2, accuracy % on
 # SST-2 / QNLI / MNLI / QQP / RTE, 3 and 50 clients on disjoint shards with the total budget fixed (SPEC).
@@ -95,67 +99,19 @@ def sweep_runs(runs: list[dict], sweep: str) -> list[dict]:
 
 
 def _order(methods) -> list[str]:
-    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+    return ordered(methods, METHOD_ORDER)
 
 
 def scaling_cells(runs: list[dict]) -> dict:
-    """(method, partition, rank, clients) -> final test accuracies over seeds. Rank-free rules (full)
-    run once and count under every rank; centralised is keyed by partition ``None``."""
-    ranks = sorted({r["rank"] for r in runs if r["method"] not in RANKLESS})
-    cells = defaultdict(list)
-    for r in runs:
-        acc = r["final_test_accuracy"]
-        if acc is None:
-            continue
-        if r["method"] == CENTRAL:
-            cells[(CENTRAL, None, r["rank"], None)].append(acc)
-            continue
-        for rank in (ranks if r["method"] in RANKLESS else [r["rank"]]):
-            cells[(r["method"], r["partition"], rank, r["clients"])].append(acc)
-    return cells
-
-
-def _stats(xs) -> tuple[float, float]:
-    a = np.asarray(xs, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
+    """(method, partition, rank, clients) -> final test accuracies over seeds (``figures.scaling``)."""
+    return scaling.scaling_cells(runs, RANKLESS)
 
 
 def plot_scaling(runs: list[dict]):
-    cells = scaling_cells(runs)
-    parts = sorted({k[1] for k in cells if k[1] is not None}, key=lambda x: (x != "iid", x))
-    ranks = sorted({k[2] for k in cells if k[1] is not None})
-    methods = _order({k[0] for k in cells if k[0] != CENTRAL})
-    fig, axes = plt.subplots(len(ranks), len(parts), figsize=(5.2 * len(parts), 3.8 * len(ranks)), squeeze=False,
-                             sharey=True)
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    for i, rank in enumerate(ranks):
-        for j, part in enumerate(parts):
-            ax = axes[i][j]
-            for m in methods:
-                ks = sorted(k for k in cells if k[0] == m and k[1] == part and k[2] == rank)
-                if not ks:
-                    continue
-                X = np.array([k[3] for k in ks], dtype=float)
-                Y = [np.asarray(cells[k]) for k in ks]
-                ax.plot(X, [y.mean() for y in Y], marker="o", ms=4, color=colors[m],
-                        label=f"{m} (n={min(len(y) for y in Y)})")
-                ax.fill_between(X, [y.min() for y in Y], [y.max() for y in Y], color=colors[m], alpha=0.15)
-            c = cells.get((CENTRAL, None, rank, None))
-            if c:
-                mu = float(np.mean(c))
-                ax.axhline(mu, color="k", ls="--", lw=1, label=f"centralised {mu:.3f} (n={len(c)})")
-            ax.set_xscale("log")
-            xs = sorted({k[3] for k in cells if k[1] == part})
-            ax.set_xticks(xs)
-            ax.set_xticklabels([str(x) for x in xs])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{part}, rank {rank}", fontsize=10)
-            ax.set_xlabel("clients (total rows and client-steps fixed)")
-            ax.set_ylabel("final test accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    """Final test accuracy against clients per rule (band = min..max over seeds), one panel per
+    (rank, partition); the shared drawing is ``figures.scaling.plot_scaling``."""
+    return scaling.plot_scaling(runs, order=METHOD_ORDER, rankless=RANKLESS, band="minmax",
+                                xlabel="clients (total rows and client-steps fixed)")
 
 
 def plot_scaling_uplink(runs: list[dict]):
@@ -191,42 +147,9 @@ def plot_scaling_uplink(runs: list[dict]):
 
 def scaling_table(runs: list[dict]) -> str:
     """Markdown: mean ± sample std (ddof 1) over seeds per rule × clients, one block per (partition,
-    rank), the rounds of each column, and the paper's Table 2 (rank 2) for the rules it reports."""
-    cells = scaling_cells(runs)
-    parts = sorted({k[1] for k in cells if k[1] is not None}, key=lambda x: (x != "iid", x))
-    ranks = sorted({k[2] for k in cells if k[1] is not None})
-    clients = sorted({k[3] for k in cells if k[1] is not None})
-    methods = _order({k[0] for k in cells if k[0] != CENTRAL})
-    rounds = {}
-    for r in runs:
-        if r["method"] != CENTRAL:
-            rounds[r["clients"]] = r["rounds_done"]
-    lines = []
-    for rank in ranks:
-        for part in parts:
-            lines += [f"**{part}, rank {rank}** (test accuracy, mean ± std over seeds; n = seeds)", "",
-                      "| rule | " + " | ".join(f"{c} clients ({rounds.get(c, '?')} rounds)" for c in clients)
-                      + f" | {clients[0]} → {clients[-1]} |",
-                      "|---|" + "---|" * (len(clients) + 1)]
-            for m in methods:
-                row, means = [], {}
-                for c in clients:
-                    xs = cells.get((m, part, rank, c))
-                    if xs:
-                        mu, sd = _stats(xs)
-                        means[c] = mu
-                        row.append(f"{mu:.3f} ± {sd:.3f} (n={len(xs)})")
-                    else:
-                        row.append("—")
-                drop = f"{means[clients[-1]] - means[clients[0]]:+.3f}" if len(means) == len(clients) else "—"
-                lines.append(f"| {m} | " + " | ".join(row) + f" | {drop} |")
-            c = cells.get((CENTRAL, None, rank, None))
-            if c:
-                mu, sd = _stats(c)
-                lines.append(f"| centralised | {mu:.3f} ± {sd:.3f} (n={len(c)}), same total steps |"
-                             + " |" * len(clients))
-            lines.append("")
-    lines += paired_lines(runs, parts, ranks, clients)
+    rank), the rounds of each column, paired differences, and the paper's Table 2 (rank 2) for the
+    rules it reports."""
+    lines = scaling_blocks(runs, order=METHOD_ORDER, rankless=RANKLESS)
     lines += ["**RoLoRA paper, Table 2** (RoBERTa-Large, rank 2, accuracy %: SST-2 / QNLI / MNLI / QQP / RTE)", "",
               "| rule | 3 clients | 50 clients | MNLI 3 → 50 |", "|---|---|---|---|"]
     for m in ("fedavg", "ffa", "rolora"):
@@ -234,37 +157,6 @@ def scaling_table(runs: list[dict]) -> str:
         lines.append(f"| {m} | {' / '.join(f'{x:.2f}' for x in a)} | {' / '.join(f'{x:.2f}' for x in b)} | "
                      f"{b[2] - a[2]:+.2f} |")
     return "\n".join(lines) + "\n"
-
-
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_{0.975, dof}
-PAIRS = (("rolora", "fedavg"), ("ffa", "fedavg"), ("rolora-chain", "rolora"))
-
-
-def paired_lines(runs: list[dict], parts, ranks, clients) -> list[str]:
-    """Paired differences over seeds (same seed = same partition, init and batch order): mean and
-    95% t-interval; a difference counts only when its interval excludes 0."""
-    acc = {(r["method"], r["partition"], r["rank"], r["clients"], r["seed"]): r["final_test_accuracy"]
-           for r in runs if r["final_test_accuracy"] is not None}
-    lines = ["**Paired differences** (same seeds; mean [95% t-interval]; **bold** when the interval excludes 0)", "",
-             "| partition, rank | pair | " + " | ".join(f"{c} clients" for c in clients) + " |",
-             "|---|---|" + "---|" * len(clients)]
-    for rank in ranks:
-        for part in parts:
-            for a, b in PAIRS:
-                row = []
-                for c in clients:
-                    seeds = sorted(s for (m, p, r, cc, s) in acc if (m, p, r, cc) == (a, part, rank, c)
-                                   and (b, part, rank, c, s) in acc)
-                    if len(seeds) < 2:
-                        row.append("—")
-                        continue
-                    d = np.array([acc[(a, part, rank, c, s)] - acc[(b, part, rank, c, s)] for s in seeds])
-                    h = T95.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
-                    cell = f"{d.mean():+.3f} [{d.mean() - h:+.3f}, {d.mean() + h:+.3f}]"
-                    row.append(f"**{cell}**" if d.mean() - h > 0 or d.mean() + h < 0 else cell)
-                if any(x != "—" for x in row):
-                    lines.append(f"| {part}, r{rank} | {a} − {b} | " + " | ".join(row) + " |")
-    return lines + [""]
 
 
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:

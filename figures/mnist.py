@@ -1,7 +1,20 @@
-"""MNIST-toy figures from the run JSONs under ``RESULTS/mnist_toy/**``.
+"""MNIST-toy figures and tables from the run JSONs under ``RESULTS/mnist_toy/**``.
 
-Pure plot functions take the loaded runs and return a Figure; ``make_all`` saves PNG + PDF.
-Curves are the mean over seeds with a ±1 std band; only evaluation runs (not lr-tuning runs) count.
+Pure plot functions take the loaded runs and return a Figure; ``make_all`` saves PNG + PDF and the
+markdown tables. Only evaluation runs (not lr-tuning or superseded runs) count.
+
+Statistics (``figures.stats``), over the n seeds of a cell:
+
+- curves and the rank plot: the mean over seeds, band / error bar = ±1 **sample** std s (ddof = 1,
+  s² = Σ(x_i − x̄)²/(n − 1)); no band for one seed;
+- tables: mean ± sample std (ddof = 1); the summary table adds the 95% t half-width
+  t_{0.975,n−1}·s/√n and the mean over the last 10% of rounds (each seed's mean test accuracy over its
+  last ⌈0.1·R⌉ rounds, evaluated ones only, then mean ± std over seeds);
+- ``mnist_<sweep>_paired.md``: per cell, each rule minus fedavg (and rolora-chain minus rolora) paired
+  over seeds (same seed = same data split, init and batch order), mean [95% t-interval], bold when the
+  interval excludes 0;
+- the client-scaling sweep (``sweep == "scaling"``): final accuracy against the number of clients and
+  ``mnist_scaling_table.md``, drawn by the pieces shared with the LLM tier (``figures.scaling``).
 """
 from __future__ import annotations
 
@@ -15,8 +28,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import scaling  # noqa: E402
+from .stats import format_paired, paired, significant, summary, tail_mean  # noqa: E402
+
 __all__ = ["load_runs", "plot_accuracy_vs_round", "plot_accuracy_vs_rank", "plot_accuracy_vs_bytes",
-           "summary_table", "pivot_table", "make_all"]
+           "summary_table", "pivot_table", "paired_table", "final_tail", "scaling_runs", "plot_scaling",
+           "scaling_table", "make_all"]
 
 ORDER = ("centralised", "fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
 STYLE = {"centralised": dict(color="black", ls="--"), "fedavg": dict(color="C0"), "ffa": dict(color="C1"),
@@ -45,8 +62,15 @@ def _groups(runs, *keys) -> dict:
     return out
 
 
+def _sample_std(y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Sample std (ddof = 1) along ``axis``; nan where there is a single value."""
+    if y.shape[axis] < 2:
+        return np.full(np.delete(y.shape, axis), np.nan)
+    return y.std(axis, ddof=1)
+
+
 def _curve(group: list[dict], x_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over seeds of test accuracy at the evaluated rounds common to every run."""
+    """Mean and sample std (ddof = 1) over seeds of test accuracy at the evaluated rounds common to every run."""
     series = []
     for r in group:
         pts = [(x_of(r, i), e["test_accuracy"]) for i, e in enumerate(r["rounds"]) if "test_accuracy" in e]
@@ -54,7 +78,7 @@ def _curve(group: list[dict], x_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     n = min(len(s) for s in series)
     x = np.array([p[0] for p in series[0][:n]], dtype=float)
     y = np.array([[p[1] for p in s[:n]] for s in series])
-    return x, y.mean(0), y.std(0)
+    return x, y.mean(0), _sample_std(y)
 
 
 def _round_x(r, i):
@@ -103,7 +127,7 @@ def _panels(runs, setting: str, x_of, xlabel: str, logx: bool = False):
 
 
 def plot_accuracy_vs_round(runs: list[dict], setting: str):
-    """Test accuracy vs round t (mean ± std over seeds), one panel per amount of local work."""
+    """Test accuracy vs round t (mean ± sample std over seeds), one panel per amount of local work."""
     return _panels(runs, setting, _round_x, "round t")
 
 
@@ -113,13 +137,13 @@ def plot_accuracy_vs_bytes(runs: list[dict], setting: str):
 
 
 def plot_accuracy_vs_rank(runs: list[dict]):
-    """Final test accuracy vs LoRA rank r (mean ± std over seeds), one line per method."""
+    """Final test accuracy vs LoRA rank r (mean ± sample std over seeds, ddof = 1), one line per method."""
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     for method in _methods(runs):
         g = _groups([r for r in runs if r["method"] == method], "rank")
         ranks = sorted(k[0] for k in g)
         acc = [[r["final_test_accuracy"] for r in g[(k,)]] for k in ranks]
-        mu, sd = np.array([np.mean(a) for a in acc]), np.array([np.std(a) for a in acc])
+        mu, sd = np.array([summary(a)[0] for a in acc]), np.array([summary(a)[1] for a in acc])
         ax.errorbar(ranks, mu, yerr=sd, marker="o", capsize=3, label=method, **STYLE.get(method, {}))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
@@ -132,29 +156,77 @@ def plot_accuracy_vs_rank(runs: list[dict]):
     return fig
 
 
+PARTITION_ORDER = {"labels": 0, "iid": 1, "dirichlet": 2}
+
+
+def _setting_keys(runs) -> dict:
+    """setting -> sort key: centralised first, then by partition (labels, iid, dirichlet); label-skew
+    settings with the most clients first (10x1 before 5x2, as the sweep runs them), others by clients."""
+    keys = {}
+    for r in runs:
+        part, k = r.get("partition"), r.get("clients") or 0
+        keys[r["setting"]] = (r["setting"] != "centralised", PARTITION_ORDER.get(part, 9),
+                              -k if part == "labels" else k, r["setting"])
+    return keys
+
+
+def _cell_sort(runs):
+    """Sort key for (setting, local work, rank[, method]) tuples of ``runs``."""
+    keys = _setting_keys(runs)
+
+    def key(k):
+        method = (ORDER.index(k[3]) if k[3] in ORDER else 99,) if len(k) > 3 else ()
+        return (keys[k[0]], WORK_ORDER(k[1]), k[2]) + method
+    return key
+
+
+def _num(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:.3f}"
+
+
+def _mean_std(xs) -> str:
+    """``mean ± sample std`` (ddof = 1; ``–`` for one value)."""
+    mean, sd, _, _ = summary(xs)
+    return f"{mean:.3f} ± {_num(sd)}"
+
+
+def final_tail(r: dict, fraction: float = 0.1) -> float:
+    """Mean test accuracy of run ``r`` over its last ⌈fraction·R⌉ rounds (R = rounds run; only the
+    rounds that were evaluated count; with an evaluation every round, the last ⌈0.1·R⌉ evaluations)."""
+    total = r.get("rounds_done") or r["rounds"][-1]["round"] + 1
+    pts = [(e["round"], e["test_accuracy"]) for e in r["rounds"] if "test_accuracy" in e]
+    return tail_mean(pts, total, fraction)
+
+
+SUMMARY_NOTE = ("Test accuracy over seeds: mean ± sample std (ddof = 1). 95% ± = half-width of the 95% t-interval "
+                "for the mean, t(0.975, n−1)·s/√n. Last 10% = each seed's mean test accuracy over its last "
+                "⌈0.1·R⌉ rounds (R rounds in the run; evaluated rounds only), then mean ± sample std over seeds.")
+
+
 def summary_table(runs: list[dict]) -> str:
-    """Markdown: final test accuracy mean ± std per (setting, local work, method)."""
+    """Markdown, one row per (setting, local work, rank, method): final-round test accuracy mean ±
+    sample std (ddof = 1), the 95% t half-width, the last-10%-of-rounds mean ± std, seeds."""
     g = _groups(runs, "setting", "local_work", "rank", "method")
-    lines = ["| setting | local work | rank | method | lr | final test acc. (mean ± std) | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    key = lambda k: (k[0] != "centralised", k[0], WORK_ORDER(k[1]), k[2],  # noqa: E731
-                     ORDER.index(k[3]) if k[3] in ORDER else 99)
-    for k in sorted(g, key=key):
-        acc = np.array([r["final_test_accuracy"] for r in g[k]])
+    lines = [SUMMARY_NOTE, "",
+             "| setting | local work | rank | method | lr | final test acc. (mean ± std) | 95% ± | "
+             "last 10% of rounds (mean ± std) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(g, key=_cell_sort(runs)):
+        mean, sd, half, n = summary(r["final_test_accuracy"] for r in g[k])
         lrs = sorted({r["lr"] for r in g[k]})
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {', '.join(f'{x:g}' for x in lrs)} | "
-                     f"{acc.mean():.3f} ± {acc.std():.3f} | {len(acc)} |")
+                     f"{mean:.3f} ± {_num(sd)} | {_num(half)} | {_mean_std(final_tail(r) for r in g[k])} | {n} |")
     return "\n".join(lines) + "\n"
 
 
 def pivot_table(runs: list[dict]) -> str:
-    """Markdown: one row per (setting, local work, rank), one column per method, mean ± std (and lr)."""
+    """Markdown: one row per (setting, local work, rank), one column per method: final-round test
+    accuracy mean ± sample std (ddof = 1) over seeds; then the lr each cell used."""
     g = _groups(runs, "setting", "local_work", "rank", "method")
     methods = [m for m in _methods(runs) if m != "centralised"]
     cent = {(k[1], k[2]): v for k, v in g.items() if k[0] == "centralised"}
-    rows = sorted({k[:3] for k in g if k[0] != "centralised"}, key=lambda k: (k[0], WORK_ORDER(k[1]), k[2]))
-    cell = lambda rs: (f"{np.mean([r['final_test_accuracy'] for r in rs]):.3f} ± "  # noqa: E731
-                       f"{np.std([r['final_test_accuracy'] for r in rs]):.3f}" if rs else "–")
+    rows = sorted({k[:3] for k in g if k[0] != "centralised"}, key=_cell_sort(runs))
+    cell = lambda rs: _mean_std(r["final_test_accuracy"] for r in rs) if rs else "–"  # noqa: E731
     head = ["setting", "local work", "r"] + methods + (["centralised"] if cent else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for setting, work, rank in rows:
@@ -169,8 +241,104 @@ def pivot_table(runs: list[dict]) -> str:
         if cent:
             vals.append(",".join(f"{x:g}" for x in sorted({r["lr"] for r in cent.get((work, rank), [])})) or "–")
         lrs.append(f"| {setting} | {work} | {rank} | " + " | ".join(vals) + " |")
-    return ("Final test accuracy, mean ± std over seeds:\n\n" + "\n".join(lines) +
+    return ("Final test accuracy (last round), mean ± sample std (ddof = 1) over seeds:\n\n" + "\n".join(lines) +
             "\n\nLearning rate used (chosen on the validation split):\n\n" + "\n".join(lrs) + "\n")
+
+
+# ---- paired differences over seeds -------------------------------------------------------------------------
+BASELINE = "fedavg"
+
+
+def _pairs(methods) -> list[tuple[str, str]]:
+    """Every rule minus fedavg, then rolora-chain minus rolora (each only when both are present)."""
+    pairs = [(m, BASELINE) for m in methods if m not in (BASELINE, "centralised")] if BASELINE in methods else []
+    if "rolora-chain" in methods and "rolora" in methods:
+        pairs.append(("rolora-chain", "rolora"))
+    return pairs
+
+
+def _by_seed(group: list[dict]) -> dict:
+    """seed -> final test accuracy."""
+    return {r["seed"]: r["final_test_accuracy"] for r in group}
+
+
+def _tally_line(tally: dict) -> str:
+    """'Significant …: k of N comparisons, a above, b below' per kind of pair."""
+    parts = []
+    for kind, (up, down, total) in tally.items():
+        ref = kind.split(" − ")[1]
+        parts.append(f"{kind}: {up + down} of {total} ({up} above {ref}, {down} below)")
+    return ("Significant at 95% (interval excludes 0): " + "; ".join(parts) + "." if parts
+            else "No paired comparisons (fewer than 2 common seeds everywhere).")
+
+
+def paired_table(runs: list[dict]) -> str:
+    """Markdown: per (setting, local work, rank), each rule minus fedavg and rolora-chain minus rolora,
+    paired over the seeds both ran: d_i = a_i − b_i (final test accuracy), mean d̄ and the 95%
+    t-interval d̄ ± t(0.975, n−1)·s_d/√n; **bold** only when the interval excludes 0. The last line
+    counts the significant comparisons in each direction."""
+    g = _groups(runs, "setting", "local_work", "rank", "method")
+    cells = sorted({k[:3] for k in g if k[0] != "centralised"}, key=_cell_sort(runs))
+    pairs = _pairs([m for m in _methods(runs) if m != "centralised"])
+    tally = {}
+    lines = ["Paired differences of final test accuracy over seeds (same seed = same data split, init and batch "
+             "order): mean [95% t-interval]; **bold** when the interval excludes 0; n = seeds both rules ran.", "",
+             "| setting | local work | r | n | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
+             "|---|---|---|---|" + "---|" * len(pairs)]
+    for setting, work, rank in cells:
+        row, ns = [], set()
+        for a, b in pairs:
+            mean, lo, hi, n = paired(_by_seed(g.get((setting, work, rank, a), [])),
+                                     _by_seed(g.get((setting, work, rank, b), [])))
+            if n < 2:
+                row.append("—")
+                continue
+            ns.add(n)
+            row.append(format_paired(mean, lo, hi))
+            kind = f"rule − {b}" if b == BASELINE else f"{a} − {b}"
+            up, down, total = tally.get(kind, (0, 0, 0))
+            sig = significant(lo, hi)
+            tally[kind] = (up + (sig and mean > 0), down + (sig and mean < 0), total + 1)
+        n_text = "–" if not ns else "/".join(str(n) for n in sorted(ns))
+        lines.append(f"| {setting} | {work} | {rank} | {n_text} | " + " | ".join(row) + " |")
+    return "\n".join(lines + ["", _tally_line(tally)]) + "\n"
+
+
+# ---- the client-scaling sweep ------------------------------------------------------------------------------
+SCALING = "scaling"
+RANKLESS = ("full",)
+
+
+def scaling_runs(runs: list[dict]) -> list[dict]:
+    """The evaluation runs of the client-scaling sweep (with its centralised reference)."""
+    return [r for r in runs if r.get("sweep") == SCALING and r.get("role") == "eval"]
+
+
+def _budget_label(runs: list[dict]) -> str:
+    """x-axis label: the client-steps every federated run took (rounds × clients × local steps), when equal."""
+    budgets = {r["rounds_done"] * r["clients"] * r["config"]["local_steps"] for r in runs
+               if r["method"] != scaling.CENTRAL and r.get("config", {}).get("local_steps")}
+    return f"clients ({budgets.pop():,} client-steps per run)" if len(budgets) == 1 else "clients"
+
+
+def plot_scaling(runs: list[dict]):
+    """Final test accuracy against the number of clients (log axis), one panel per partition (IID
+    first): per rule the mean over seeds and a ±1 sample std band (ddof = 1); centralised dashed."""
+    styles = {m: st for m, st in STYLE.items() if m != "centralised"}
+    fig = scaling.plot_scaling(runs, order=ORDER, rankless=RANKLESS, band="std", styles=styles,
+                               xlabel=_budget_label(runs))
+    fig.suptitle("MNIST toy: mean over seeds, band ±1 sample std", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_table(runs: list[dict]) -> str:
+    """Markdown: rule × clients, final test accuracy mean ± sample std (ddof = 1) (n = seeds), the rounds
+    of each column, the change from the fewest to the most clients, and paired differences over seeds
+    (rolora − fedavg, ffa − fedavg, rolora-chain − rolora) with 95% t-intervals."""
+    note = ("Final test accuracy over seeds: mean ± sample std (ddof = 1); n = seeds; rounds per column as run "
+            "(`rounds_done`); the last column is the change of the mean from the fewest to the most clients.")
+    return "\n".join([note, ""] + scaling.scaling_blocks(runs, order=ORDER, rankless=RANKLESS)) + "\n"
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -183,34 +351,51 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def _write(out_dir: Path, name: str, text: str) -> Path:
+    path = out_dir / name
+    path.write_text(text)
+    return path
+
+
+def _sweep_outputs(name: str, group: list[dict], out_dir: Path) -> list[Path]:
+    """One sweep (not scaling): accuracy vs round and vs bytes per client setting at the sweep's main
+    rank (not for the rank sweep), the summary table, the pivot and the paired table."""
+    written = []
+    ranks = {r["rank"] for r in group}
+    main_rank = max(ranks, key=lambda k: sum(r["rank"] == k for r in group))
+    at_rank = [r for r in group if r["rank"] == main_rank]
+    if name != "rank":
+        for setting in sorted({r["setting"] for r in at_rank} - {"centralised"}):
+            slug = setting.replace(" ", "_")
+            written += _save(plot_accuracy_vs_round(at_rank, setting), out_dir, f"mnist_{name}_accuracy_vs_round_{slug}")
+            written += _save(plot_accuracy_vs_bytes(at_rank, setting), out_dir, f"mnist_{name}_accuracy_vs_bytes_{slug}")
+    written.append(_write(out_dir, f"mnist_{name}_table.md", summary_table(group)))
+    written.append(_write(out_dir, f"mnist_{name}_pivot.md", pivot_table(group)))
+    written.append(_write(out_dir, f"mnist_{name}_paired.md", paired_table(group)))
+    return written
+
+
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
-    """Per sweep: accuracy vs round and vs bytes for each client setting (at the sweep's main rank) and a
-    markdown table. Accuracy vs rank pools every sweep's runs of one (setting, local work, rounds)."""
+    """Per sweep: accuracy vs round and vs bytes for each client setting (at the sweep's main rank), the
+    summary, pivot and paired tables. Accuracy vs rank pools every sweep's runs of one (setting, local
+    work, rounds). The scaling sweep (when present) gets its own figure, table and paired table and
+    stays out of the others."""
     runs = load_runs(Path(results_dir))
     if not runs:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for (sweep,), group in sorted(_groups(runs, "sweep").items(), key=lambda kv: str(kv[0])):
-        name = sweep or "runs"
-        ranks = {r["rank"] for r in group}
-        main_rank = max(ranks, key=lambda k: sum(r["rank"] == k for r in group))
-        at_rank = [r for r in group if r["rank"] == main_rank]
-        if name != "rank":
-            for setting in sorted({r["setting"] for r in at_rank} - {"centralised"}):
-                slug = setting.replace(" ", "_")
-                written += _save(plot_accuracy_vs_round(at_rank, setting), out_dir,
-                                 f"mnist_{name}_accuracy_vs_round_{slug}")
-                written += _save(plot_accuracy_vs_bytes(at_rank, setting), out_dir,
-                                 f"mnist_{name}_accuracy_vs_bytes_{slug}")
-        table = out_dir / f"mnist_{name}_table.md"
-        table.write_text(summary_table(group))
-        pivot = out_dir / f"mnist_{name}_pivot.md"
-        pivot.write_text(pivot_table(group))
-        written += [table, pivot]
+    others = [r for r in runs if r.get("sweep") != SCALING]
+    for (sweep,), group in sorted(_groups(others, "sweep").items(), key=lambda kv: str(kv[0])):
+        written += _sweep_outputs(sweep or "runs", group, out_dir)
+    scal = scaling_runs(runs)
+    if scal:
+        written += _save(plot_scaling(scal), out_dir, "mnist_scaling_accuracy_vs_clients")
+        written.append(_write(out_dir, "mnist_scaling_table.md", scaling_table(scal)))
+        written.append(_write(out_dir, "mnist_scaling_paired.md", paired_table(scal)))
     for (setting, work, rounds), group in _groups(
-            [dict(r, n_rounds=r["config"]["rounds"]) for r in runs], "setting", "local_work", "n_rounds").items():
+            [dict(r, n_rounds=r["config"]["rounds"]) for r in others], "setting", "local_work", "n_rounds").items():
         if setting == "centralised":
             continue
         by_method = _groups(group, "method")
