@@ -86,7 +86,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
-def _round_up(q: float, digits: int = 2) -> float:
+def _round_up(q: float, digits: int = 3) -> float:
     """``q`` rounded *up* to ``digits`` significant figures: calibrating σ for a larger sample rate
     only lowers the ε spent, and lets clients of similar size share one search."""
     e = math.floor(math.log10(q)) - digits + 1
@@ -115,7 +115,7 @@ def _sigma(epsilon: float, delta: float, q: float, steps: int, tol: float) -> fl
 
 def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int, *, tol: float = 0.01) -> float:
     """A σ with ε_RDP(σ, q, steps, δ) ≤ ``epsilon`` and within ``tol`` of it (Opacus's tolerance),
-    calibrated for ``q`` rounded up to 2 significant figures (so ε spent ≤ target still holds)."""
+    calibrated for ``q`` rounded up to 3 significant figures (so ε spent ≤ target still holds)."""
     if math.isinf(epsilon):
         return 0.0
     return _sigma(float(epsilon), float(delta), _round_up(sample_rate), int(steps), tol)

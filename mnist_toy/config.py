@@ -50,6 +50,11 @@ class ToyConfig:
     feature_cache: bool = True  # compute x A (A frozen) and x W_frozen once per local run, not per step
     threads: int = 1  # torch threads; 1 is fastest for these small ops on a shared 2-core machine
     dtype: str = "float32"
+    # Sample-level DP-SGD per client (fedlora.dp): None = no DP; inf = the DP code path with no noise
+    dp_epsilon: Optional[float] = None
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: Optional[float] = 1.0  # C; None = no clipping (only with dp_epsilon = inf)
+    dp_sampling: str = "poisson"  # "poisson" (what the accountant assumes) or "shuffle" (the non-DP batches)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +78,28 @@ class ToyConfig:
             raise ConfigError(f"lr={self.lr}; must be > 0")
         if self.threads < 1:
             raise ConfigError(f"threads={self.threads}; must be >= 1")
+        if self.dp_epsilon is not None:
+            self._check_dp()
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_epsilon is not None
+
+    def _check_dp(self) -> None:
+        import math
+
+        if not self.dp_epsilon > 0:
+            raise ConfigError(f"dp_epsilon={self.dp_epsilon}; must be > 0 (e.g. 1, 3, 8), inf for the DP path "
+                              "without noise, or unset for no DP")
+        if self.dp_max_grad_norm is None and math.isfinite(self.dp_epsilon):
+            raise ConfigError("dp_epsilon is finite but dp_max_grad_norm is unset: the noise is calibrated to the "
+                              "clipping norm; set dp_max_grad_norm (e.g. 1.0)")
+        if self.dp_max_grad_norm is not None and not self.dp_max_grad_norm > 0:
+            raise ConfigError(f"dp_max_grad_norm={self.dp_max_grad_norm}; must be > 0")
+        if self.dp_sampling not in ("poisson", "shuffle"):
+            raise ConfigError(f"dp_sampling={self.dp_sampling!r}; choose poisson or shuffle")
+        if self.local_epochs:
+            raise ConfigError("DP counts local steps: set local_steps (and local_epochs=0) with dp_epsilon")
 
     @property
     def scale(self) -> float:

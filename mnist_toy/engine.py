@@ -22,11 +22,12 @@ from torch import Tensor
 
 from fedlora import GlobalMatrix, LoRAFactors
 from fedlora.loop import ClientResult, ClientTask
+from fedlora.seeding import derive_seed
 
 from .config import ToyConfig
 from .model import NAME, Toy, frozen_weight
 
-__all__ = ["batch_plan", "train_batched", "train_sequential", "train_reference"]
+__all__ = ["batch_plan", "dp_batch_plan", "train_batched", "train_sequential", "train_reference"]
 
 
 def batch_plan(n: int, cfg: ToyConfig, seed: int) -> tuple[Tensor, Tensor]:
@@ -49,6 +50,32 @@ def batch_plan(n: int, cfg: ToyConfig, seed: int) -> tuple[Tensor, Tensor]:
     need = cfg.local_steps * b
     stream = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // n))])[:need]
     return stream.view(-1, b), torch.ones(cfg.local_steps, b, dtype=torch.bool)
+
+
+def dp_batch_plan(n: int, cfg: ToyConfig, seed: int) -> tuple[Tensor, Tensor]:
+    """Under DP: ``local_steps`` Poisson batches (each of the n samples joins with probability
+    batch / n), zero-padded to the largest one with a validity mask; ``dp_sampling="shuffle"`` keeps
+    the non-DP plan. Every engine draws them here, so they see the same data."""
+    if cfg.dp_sampling == "shuffle":
+        return batch_plan(n, cfg, seed)
+    from fedlora.dp import poisson_batches
+
+    rows = poisson_batches(n, min(1.0, cfg.batch_size / n), cfg.local_steps, derive_seed(seed, "dp-batches"))
+    width = max(1, max(len(r) for r in rows))
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for t, r in enumerate(rows):
+        idx[t, :len(r)], valid[t, :len(r)] = torch.from_numpy(r), True
+    return idx, valid
+
+
+def _dp_noise(plans, tasks) -> Optional[list]:
+    """Per client a seeded generator and the noise std on the summed clipped gradient (None: no noise)."""
+    out = []
+    for t in tasks:
+        std = plans[t.client].noise_std
+        out.append((torch.Generator().manual_seed(derive_seed(t.seed, "dp-noise")), std) if std > 0 else None)
+    return out if any(out) else None
 
 
 class _Optimizer:
@@ -91,16 +118,20 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
     trains = tasks[0].trains
     if any(t.trains != trains for t in tasks):
         raise ValueError("train_batched needs one round's tasks (all training the same factor)")
-    K, b = len(tasks), cfg.batch_size
+    K = len(tasks)
     ids = torch.tensor([t.client for t in tasks])
     sizes = [toy.sizes[t.client] for t in tasks]
-    plans = [batch_plan(n, cfg, t.seed) for n, t in zip(sizes, tasks)]
+    dp = toy.dp is not None
+    plans = [(dp_batch_plan if dp else batch_plan)(n, cfg, t.seed) for n, t in zip(sizes, tasks)]
     S = max(p[0].shape[0] for p in plans)
+    b = max(p[0].shape[1] for p in plans)  # the batch size; under Poisson sampling the largest batch drawn
     idx = torch.zeros(K, S, b, dtype=torch.long)
     valid = torch.zeros(K, S, b, dtype=torch.bool)
     for k, (i, v) in enumerate(plans):
-        idx[k, :len(i)], valid[k, :len(v)] = i, v
+        idx[k, :len(i), :i.shape[1]], valid[k, :len(v), :v.shape[1]] = i, v
     active = valid.any(-1)  # (K, S): a client with fewer steps sits out the tail
+    if dp:  # every DP step counts, an empty Poisson batch too (a noise-only step)
+        active = torch.arange(S)[None, :] < torch.tensor([len(p[0]) for p in plans])[:, None]
     if ids.tolist() == list(range(toy.X.shape[0])):
         X, y = toy.X, toy.y  # every client: no 200 MB copy per round
     else:
@@ -133,6 +164,9 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
 
     opt = _Optimizer(cfg, params)
     loss_sum = torch.zeros(K, dtype=torch.float64)
+    if dp:
+        clip = toy.dp[tasks[0].client].max_grad_norm
+        noise = _dp_noise(toy.dp, tasks)
     for t in range(S):
         it, v = idx[:, t], valid[:, t]  # (K, b)
         yb = y[kk, it]  # (K, b)
@@ -162,8 +196,13 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
         loss_sum += (nll * w).sum(1).double() * active[:, t]
         delta = e / tot  # softmax
         delta.scatter_add_(-1, yb.unsqueeze(-1), torch.full_like(nll, -1.0).unsqueeze(-1))
-        delta *= w.unsqueeze(-1)  # (K, b, 10) = ∂ℓ/∂out
-        gpre = (delta @ toy.W_out) * (pre > 0)  # (K, b, h)
+        if dp:  # per-sample gradients, clipped: each row's weight is min(1, C/‖g_i‖) / (q n)
+            gpre = (delta @ toy.W_out) * (pre > 0)  # (K, b, h): ∂ℓ_i/∂pre_i, one sample's own loss
+            gpre = gpre * _dp_weights(gpre, xb, z if not full else None, B if not full else None,
+                                      s if not full else 1.0, trains, v, clip, cfg.batch_size).unsqueeze(-1)
+        else:
+            delta *= w.unsqueeze(-1)  # (K, b, 10) = ∂ℓ/∂out
+            gpre = (delta @ toy.W_out) * (pre > 0)  # (K, b, h)
         if full:
             grads = [gpre.transpose(1, 2) @ xb]  # (K, h, 784)
         else:
@@ -172,6 +211,8 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
                 grads.append(s * ((gpre @ B).transpose(1, 2) @ xb))  # (K, r, 784)
             if "B" in trains:
                 grads.append(s * (gpre.transpose(1, 2) @ z))  # (K, h, r)
+        if dp and noise is not None:
+            _add_noise(grads, noise, cfg.batch_size)
         opt.step(params, grads, active[:, t])
 
     steps = active.sum(1).double()
@@ -183,13 +224,49 @@ def train_batched(tasks: Sequence[ClientTask], toy: Toy, cfg: ToyConfig) -> list
     return results
 
 
+def _dp_weights(gpre: Tensor, xb: Optional[Tensor], z: Optional[Tensor], B: Optional[Tensor], s: float,
+                trains: str, valid: Tensor, clip: float, batch: int) -> Tensor:
+    """(K, b) weights ``min(1, C / (‖g_i‖ + 1e-6)) / batch`` (0 on padding) from per-sample norms,
+    never forming the per-sample gradients: each is an outer product, so its norm is a product of norms.
+
+        W (full):  g_i = gpre_i x_iᵀ            ‖g_i‖ = ‖gpre_i‖ ‖x_i‖
+        A:         g_i = s (Bᵀ gpre_i) x_iᵀ      ‖g_i‖ = s ‖Bᵀ gpre_i‖ ‖x_i‖
+        B:         g_i = s gpre_i z_iᵀ, z = A x  ‖g_i‖ = s ‖gpre_i‖ ‖z_i‖
+    and the norm over every trained parameter is the root of the summed squares (Opacus's ``flat`` clipping).
+    """
+    from fedlora.dp import clip_factors
+
+    sq = torch.zeros_like(gpre[..., 0])
+    if trains == "W":
+        sq = gpre.pow(2).sum(-1) * xb.pow(2).sum(-1)
+    if "A" in trains:
+        sq = sq + s * s * (gpre @ B).pow(2).sum(-1) * xb.pow(2).sum(-1)
+    if "B" in trains:
+        sq = sq + s * s * gpre.pow(2).sum(-1) * z.pow(2).sum(-1)
+    return clip_factors(sq.sqrt(), clip) * valid.to(gpre.dtype) / batch
+
+
+def _add_noise(grads: list[Tensor], noise: list, batch: int) -> None:
+    """Add N(0, std²) to each client's summed gradient, divided by the expected batch size like the rest
+    (Opacus's order: parameter by parameter, A before B, from the client's own generator)."""
+    for k, nk in enumerate(noise):
+        if nk is None:
+            continue
+        gen, std = nk
+        for g in grads:
+            g[k] += torch.normal(0.0, std, size=g.shape[1:], generator=gen, dtype=g.dtype) / batch
+
+
 def train_sequential(task: ClientTask, toy: Toy, cfg: ToyConfig) -> ClientResult:
     """The same hand-written math for one client (K = 1): the baseline that batching is timed against."""
     return train_batched([task], toy, cfg)[0]
 
 
 def train_reference(task: ClientTask, toy: Toy, cfg: ToyConfig) -> ClientResult:
-    """Plain and slow: autograd through ``ReLU(x (W_f + s B A)ᵀ + c) W_outᵀ``, ``torch.optim``, one client."""
+    """Plain and slow: autograd through ``ReLU(x (W_f + s B A)ᵀ + c) W_outᵀ``, ``torch.optim``, one client.
+    Under DP: Opacus on the same network as modules (``_ToyNet``)."""
+    if toy.dp is not None:
+        return _train_reference_dp(task, toy, cfg)
     g0 = task.start[NAME]
     n = toy.sizes[task.client]
     X, y = toy.X[task.client, :n], toy.y[task.client, :n]
@@ -214,4 +291,73 @@ def train_reference(task: ClientTask, toy: Toy, cfg: ToyConfig) -> ClientResult:
         opt.step()
         losses.append(float(loss.detach()))
     p = W.detach() if task.trains == "W" else LoRAFactors(A=A.detach(), B=B.detach(), scale=s)
-    return ClientResult(params={NAME: p}, num_samples=n, metrics={"train_loss": sum(losses) / len(losses)})
+    return ClientResult(params={NAME: p}, num_samples=n, metrics={"train_loss": sum(losses) / max(len(losses), 1)})
+
+
+class _ToyNet(torch.nn.Module):
+    """The toy as modules Opacus can take per-sample gradients of: ``x → A → B`` (``lora_A``, ``lora_B``,
+    nn.Linear without bias) plus the frozen ``x W_fᵀ + c``, then ReLU and the fixed ``W_out``; or one
+    trainable ``nn.Linear`` holding W (``full``)."""
+
+    def __init__(self, toy: Toy, g0: GlobalMatrix, trains: str):
+        super().__init__()
+        self.W_out, self.c = toy.W_out, toy.c
+        if trains == "W":
+            self.dense = torch.nn.Linear(784, g0.W.shape[0], bias=False, dtype=g0.W.dtype)
+            self.dense.weight.data.copy_(g0.W)
+            self.Wf = None
+        else:
+            A, B = g0.lora.A, g0.lora.B
+            self.lora_A = torch.nn.Linear(A.shape[1], A.shape[0], bias=False, dtype=A.dtype)
+            self.lora_B = torch.nn.Linear(B.shape[1], B.shape[0], bias=False, dtype=B.dtype)
+            self.lora_A.weight.data.copy_(A)
+            self.lora_B.weight.data.copy_(B)
+            self.lora_A.weight.requires_grad_("A" in trains)
+            self.lora_B.weight.requires_grad_("B" in trains)
+            self.s, self.Wf = g0.lora.scale, frozen_weight(toy, g0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "dense"):
+            pre = self.dense(x)
+        else:
+            pre = self.s * self.lora_B(self.lora_A(x)) + (x @ self.Wf.T if self.Wf is not None else 0)
+        if self.c is not None:
+            pre = pre + self.c
+        return torch.relu(pre) @ self.W_out.T
+
+
+def _train_reference_dp(task: ClientTask, toy: Toy, cfg: ToyConfig) -> ClientResult:
+    """DP-SGD through Opacus (``GradSampleModule`` per-sample gradients, ``DPOptimizer`` clipping and
+    noise) on the same Poisson batches and noise seed as the batched engine: the check it is held to."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    g0, n, plan = task.start[NAME], toy.sizes[task.client], toy.dp[task.client]
+    X, y = toy.X[task.client, :n], toy.y[task.client, :n]
+    net = _ToyNet(toy, g0, task.trains)
+    params = [p for p in net.parameters() if p.requires_grad]
+    gsm = GradSampleModule(net, batch_first=True, loss_reduction="mean")
+    base = torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr)
+    clip = plan.max_grad_norm if plan.max_grad_norm != float("inf") else 1e30
+    opt = DPOptimizer(base, noise_multiplier=plan.noise_multiplier if plan.noise_std else 0.0, max_grad_norm=clip,
+                      expected_batch_size=cfg.batch_size, loss_reduction="mean",
+                      generator=torch.Generator().manual_seed(derive_seed(task.seed, "dp-noise")))
+    idx, valid = dp_batch_plan(n, cfg, task.seed)
+    losses = []
+    for i, v in zip(idx, valid):
+        rows = i[v]
+        opt.zero_grad()
+        if len(rows) == 0:  # an empty Poisson batch: a noise-only step
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        else:
+            loss = F.cross_entropy(gsm(X[rows]), y[rows])  # mean over the batch: Opacus rescales by its size
+            loss.backward()
+            losses.append(float(loss.detach()))
+        opt.step()
+    gsm._close()
+    if task.trains == "W":
+        p = net.dense.weight.detach().clone()
+    else:
+        p = LoRAFactors(A=net.lora_A.weight.detach().clone(), B=net.lora_B.weight.detach().clone(), scale=net.s)
+    return ClientResult(params={NAME: p}, num_samples=n, metrics={"train_loss": sum(losses) / max(len(losses), 1)})

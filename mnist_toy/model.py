@@ -51,6 +51,24 @@ class Toy:
     X_test: Tensor  # (T, 784)
     y_test: Tensor
     partition: dict  # the partition summary (samples and label histogram per client)
+    dp: Optional[list] = None  # one fedlora.dp.DPPlan per client when cfg.dp_epsilon is set
+
+
+def dp_plans(cfg: ToyConfig, sizes: list[int]) -> Optional[list]:
+    """Each client's DP-SGD plan for the whole run: every client trains every round, so it takes
+    ``rounds × local_steps`` steps (centralised: ``clients ×`` as many per round)."""
+    if not cfg.dp:
+        return None
+    from fedlora.dp import plan
+
+    per_round = cfg.local_steps * (cfg.clients if cfg.method == CENTRALISED else 1)
+    try:
+        return [plan(epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, max_grad_norm=cfg.dp_max_grad_norm,
+                     batch_size=cfg.batch_size, samples=n, steps=cfg.rounds * per_round) for n in sizes]
+    except ValueError as err:
+        from fedlora.config import ConfigError
+
+        raise ConfigError(f"DP: {err}") from None
 
 
 def _normalise(x: np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -100,7 +118,7 @@ def build_toy(cfg: ToyConfig, data: Mnist) -> Toy:
     return Toy(W_out=W_out, c=c, W0=W0, X=X, y=y, sizes=sizes,
                X_val=_normalise(x_tr[val], dt), y_val=torch.from_numpy(y_tr[val]),
                X_test=_normalise(data.x_test[:n_test], dt), y_test=torch.from_numpy(data.y_test[:n_test].astype(np.int64)),
-               partition=part.summary)
+               partition=part.summary, dp=dp_plans(cfg, sizes))
 
 
 def _pretrain(cfg: ToyConfig, X: Tensor, y: Tensor, W_out: Tensor, c: Optional[Tensor]):

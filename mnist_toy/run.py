@@ -41,6 +41,17 @@ def run_filename(cfg: ToyConfig) -> str:
     return f"{cfg.method}_r{cfg.rank}_{work}_lr{cfg.lr:g}_seed{cfg.seed}.json"
 
 
+def _dp_record(cfg: ToyConfig, toy, steps: int) -> Optional[dict]:
+    """The DP setting and the ε each client actually spent (every client trains every round)."""
+    if toy.dp is None:
+        return None
+    clients = [{"client": k, "samples": n, "sample_rate": p.sample_rate, "noise_multiplier": p.noise_multiplier,
+                "steps": steps, "epsilon_spent": p.spent(steps)} for k, (n, p) in enumerate(zip(toy.sizes, toy.dp))]
+    return {"epsilon_target": cfg.dp_epsilon, "delta": cfg.dp_delta, "max_grad_norm": cfg.dp_max_grad_norm,
+            "sampling": cfg.dp_sampling, "clients": clients,
+            "epsilon_spent_max": max(c["epsilon_spent"] for c in clients)}
+
+
 def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = None,
         checkpoint_dir: Optional[Path] = None, resume: bool = False, stop_after: Optional[int] = None,
         progress: bool = True, extra: Optional[dict] = None) -> dict:
@@ -86,6 +97,7 @@ def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = N
                    for h in hist],
         "total_uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),
         "total_downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
+        "dp": _dp_record(cfg, toy, len(hist) * run_cfg.local_steps),
         "wall_seconds": time.perf_counter() - t0,
         **provenance(), **(extra or {}),
     }
