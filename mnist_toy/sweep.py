@@ -37,11 +37,13 @@ SCALING_METHODS = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora
 @dataclass(frozen=True)
 class Setting:
     """How the training pool is split: ``clients`` clients, by ``partition`` ("labels": whole classes,
-    ``labels_per_client`` each; "dirichlet": Dirichlet(0.5) label skew; "iid": equal random shards)."""
+    ``labels_per_client`` each; "dirichlet": Dirichlet(0.5) label skew; "iid": equal random shards);
+    and the clients' DP target ``dp_epsilon`` (None: no DP)."""
 
     clients: int
     partition: str = "labels"
     labels_per_client: int = 1
+    dp_epsilon: Optional[float] = None
 
     @staticmethod
     def of(x) -> "Setting":
@@ -49,8 +51,10 @@ class Setting:
 
     def dir_name(self) -> str:
         if self.partition == "labels":  # the main table's folders: 10x1_labels, 5x2_labels
-            return f"{self.clients}x{self.labels_per_client}_labels"
-        return f"{self.partition}_c{self.clients}"
+            name = f"{self.clients}x{self.labels_per_client}_labels"
+        else:
+            name = f"{self.partition}_c{self.clients}"
+        return name if self.dp_epsilon is None else f"{name}_eps{self.dp_epsilon:g}"
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,14 @@ PRESETS = {
                      works=(Work(10, 0, 0),), total_client_steps=10_000, ranks=(8,), seeds=(0, 1, 2, 3, 4),
                      lr_grid=(0.05, 0.1, 0.2), lr_extend=(), lr_factor=2.0, tune_seeds=(100, 101, 102),
                      tune_setting_only=None, tune_partition="dirichlet", evals_per_run=20),
+    # DP-SGD per client (fedlora.dp) at the main setting (10 × 1 label, 20 steps × 100 rounds, rank 8):
+    # ε ∈ {∞ (no DP), 8, 3, 1} at δ = 1e-5 over each client's 2,000 steps, clipping norm C = 1, Poisson
+    # batches of 64 on average; the lr tuned per (rule, ε) on 3 tuning seeds, ×2 grid grown past its edges.
+    "dp": Sweep(name="dp", methods=("fedavg", "ffa", "rolora", "fedex", "flexlora"),
+                settings=tuple(Setting(10, "labels", 1, e) for e in (None, 8.0, 3.0, 1.0)),
+                works=(Work(20, 0, 100),), ranks=(8,), seeds=(0, 1, 2), lr_grid=(0.05, 0.1, 0.2), lr_extend=(),
+                lr_factor=2.0, tune_seeds=(100, 101, 102), tune_setting_only=None, centralised=False,
+                base=dict(dp_max_grad_norm=1.0, dp_delta=1e-5)),
 }
 
 
@@ -156,7 +168,7 @@ def _cfg(sweep: Sweep, work: Work, setting: Optional[Setting], method: str, rank
     every = {"eval_every": max(1, rounds // sweep.evals_per_run)} if sweep.evals_per_run else {}
     return ToyConfig(method=method, partition=st.partition, clients=st.clients, labels_per_client=st.labels_per_client,
                      rank=rank, rounds=rounds, local_steps=work.local_steps, local_epochs=work.local_epochs,
-                     lr=lr, seed=seed, **every, **sweep.base)
+                     lr=lr, seed=seed, dp_epsilon=st.dp_epsilon, **every, **sweep.base)
 
 
 def _cell_dir(out: Path, sweep: Sweep, setting: Optional[Setting], cfg: ToyConfig) -> Path:

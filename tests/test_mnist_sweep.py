@@ -112,3 +112,14 @@ def test_fixed_budget_sweep_tunes_on_one_partition_and_reuses_the_lr(mnist, tmp_
     n = len(list(root.rglob("*.json")))
     run_sweep(sw, out=tmp_path, data=mnist)  # resumable: nothing new
     assert len(list(root.rglob("*.json"))) == n
+
+
+def test_dp_preset_tunes_per_rule_and_epsilon_in_its_own_folders():
+    sw = PRESETS["dp"]
+    eps = [st.dp_epsilon for st in sw.settings]
+    assert eps == [None, 8.0, 3.0, 1.0] and {"fedavg", "ffa", "rolora"} <= set(sw.methods)
+    assert len({st.dir_name() for st in sw.settings}) == 4 and len(sw.seeds) >= 3
+    for st in sw.settings:
+        assert sw.tune_setting(st) == st  # each ε tuned on its own
+        cfg = sweep_mod._cfg(sw, sw.works[0], st, "rolora", 8, lr=0.1, seed=0)
+        assert cfg.dp_epsilon == st.dp_epsilon and cfg.dp_max_grad_norm == 1.0 and cfg.dp == (st.dp_epsilon is not None)
