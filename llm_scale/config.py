@@ -2,9 +2,12 @@
 flags override it, and an unknown key is an error that lists the valid ones."""
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
+
 from fedlora import rule_names
 from fedlora.config import ConfigError, from_mapping
 
@@ -65,6 +68,13 @@ class LLMConfig:
     seed: int = 0
     eval_every: int = 1
     eval_splits: tuple[str, ...] = ()  # what `evaluate` scores: () = test, and val when held out
+    # --- differential privacy (sample-level DP-SGD in each client's local training; fedlora/dp.py) ------
+    dp_epsilon: Optional[float] = None  # None = no DP; inf = the DP code path with σ = 0; else the per-client target ε
+    dp_delta: float = 1e-5  # δ of the per-client guarantee; keep it well below 1 / (a client's samples)
+    dp_max_grad_norm: Optional[float] = 1.0  # C, the per-sample clipping norm; None or inf = no clipping (only with dp_epsilon=inf)
+    dp_sampling: str = "poisson"  # "poisson": each sample joins a step w.p. batch/samples (what the accountant
+    #                               is exact for); "shuffle": the plain run's fixed-size shuffled batches,
+    #                               accounted as if Poisson at the same rate (an approximate guarantee)
     # --- compute -----------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int = 1  # torch threads on CPU: 1 is fastest for these small ops on a shared 2-core machine
@@ -107,6 +117,24 @@ class LLMConfig:
             bad("eval_splits asks for 'val' but val_fraction is 0: hold a validation split out (e.g. val_fraction=0.05)")
         if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             bad("test_fraction must be in (0, 1) and val_fraction in [0, 1)")
+        if self.dp_epsilon is not None:
+            self._check_dp(bad)
+
+    def _check_dp(self, bad) -> None:
+        eps, clip = self.dp_epsilon, self.dp_max_grad_norm
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            bad(f"dp_epsilon={eps!r}; must be a number > 0 (e.g. 8, 3, 1), inf for the DP code path without noise, "
+                "or unset for no DP")
+        if not isinstance(self.dp_delta, (int, float)) or not 0 < self.dp_delta < 1:
+            bad(f"dp_delta={self.dp_delta!r}; must be in (0, 1), well below 1 / a client's samples (1e-5 is usual)")
+        if (clip is None or clip == math.inf) and math.isfinite(eps):
+            bad(f"dp_max_grad_norm={clip} (no clipping) with dp_epsilon={eps:g}: the noise is calibrated to the clipping "
+                "norm; set dp_max_grad_norm (e.g. 1.0), or dp_epsilon=inf to run the DP code path without noise")
+        if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0):
+            bad(f"dp_max_grad_norm={clip!r}; must be > 0 (the per-sample clipping norm C, e.g. 1.0) or None (no clipping)")
+        if self.dp_sampling not in ("poisson", "shuffle"):
+            bad(f"dp_sampling={self.dp_sampling!r}; use 'poisson' (the accountant's sampling) or 'shuffle' "
+                "(the plain run's batches, an approximate guarantee)")
 
     def rank_of(self, client: int) -> int:
         return self.client_ranks[client % len(self.client_ranks)] if self.client_ranks else self.rank

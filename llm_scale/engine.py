@@ -3,7 +3,8 @@
 One base model in memory for every client: ``Federation`` builds it once (peft-wrapped, with the
 frozen-layer cache when it applies), and each client's ``local_train`` copies its view into the
 adapter (``AdapterBridge.load``), runs ``local_steps`` seeded mini-batch steps, and reads back what it
-trained. ``full`` / ``full-galore`` clients train the targeted dense weights of the same model.
+trained. ``full`` / ``full-galore`` clients train the targeted dense weights of the same model. With
+``dp_epsilon`` set, the local steps are DP-SGD steps (``private.dp_sgd``; ``fedlora.dp`` for the math).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor
 
 from fedlora import GlobalMatrix, init_lora
+from fedlora.config import ConfigError
+from fedlora.dp import DPPlan, plan as dp_plan, poisson_batches
 from fedlora.loop import ClientResult, ClientTask
 from fedlora.partition import make_partition
 from fedlora.seeding import derive_seed, generator
@@ -74,6 +77,7 @@ class Federation:
                         if ds is not None}
         self.lengths = self.encoded["train"].lengths() if cfg.length_grouped else None
         self.parts = self._partition()
+        self._plan_dp()
         self.local_heads: dict[int, dict[str, Tensor]] = {}
         self.cache: Optional[FrozenLayerCache] = None
         if cfg.cache_frozen_layers and cache_eligible(kind=cfg.kind, layers=cfg.layers, family=self.spec.family):
@@ -88,9 +92,10 @@ class Federation:
     # what a sweep may change between runs on one Federation; anything else (seed, model, data,
     # adapted modules, head) needs a new one
     RECONFIGURABLE = frozenset({"method", "clients", "partition", "dirichlet_alpha", "total_samples", "rounds",
-                                "clients_per_round", "local_steps", "lr", "rank", "client_ranks", "eval_every",
-                                "eval_splits", "optimizer", "weight_decay", "galore_rank", "galore_update_proj_gap",
-                                "galore_scale", "galore_proj_type"})
+                                "clients_per_round", "local_steps", "batch_size", "lr", "rank", "client_ranks",
+                                "eval_every", "eval_splits", "optimizer", "weight_decay", "galore_rank",
+                                "galore_update_proj_gap", "galore_scale", "galore_proj_type", "dp_epsilon", "dp_delta",
+                                "dp_max_grad_norm", "dp_sampling"})
 
     def reconfigure(self, cfg: LLMConfig) -> "Federation":
         """Point this Federation at another run of the same seed, model and data (other rule, clients,
@@ -105,6 +110,7 @@ class Federation:
         self.cfg = cfg
         self.partition_summary = {}
         self.parts = self._partition()
+        self._plan_dp()
         self.local_heads = {}
         return self
 
@@ -152,6 +158,49 @@ class Federation:
                 b["rows"] = torch.as_tensor(rows)
                 batches.append(b)
             self.cache.build(split, batches, progress=progress)
+
+    # ---- differential privacy --------------------------------------------------------------------------
+    def _plan_dp(self) -> None:
+        """Each client's DP-SGD plan for the whole run (``None`` without DP), and its step counter.
+
+        A client's σ is calibrated for ``steps = local steps × rounds`` at ``q = batch / its samples``:
+        every round, even when ``clients_per_round < 1`` makes it skip some -- an upper bound on what
+        it takes, so the ε it spends stays ≤ the target.
+        """
+        cfg = self.cfg
+        self.dp_steps = [0] * len(self.parts)  # DP steps each client took in this process (empty ones too)
+        self.dp_plans: Optional[list[DPPlan]] = None
+        if cfg.dp_epsilon is None:
+            return
+        plans = []
+        for c, rows in enumerate(self.parts):
+            try:
+                plans.append(dp_plan(epsilon=cfg.dp_epsilon, delta=cfg.dp_delta, max_grad_norm=cfg.dp_max_grad_norm,
+                                     batch_size=cfg.batch_size, samples=len(rows), steps=self._steps() * cfg.rounds))
+            except ValueError as err:
+                raise ConfigError(f"DP for client {c} ({len(rows)} samples, batch {cfg.batch_size}, "
+                                  f"{self._steps() * cfg.rounds} steps): {err}") from err
+        self.dp_plans = plans
+
+    def _batches(self, task: ClientTask, rows: np.ndarray) -> list[np.ndarray]:
+        """The client-round's batches of training rows: Poisson batches under DP with
+        ``dp_sampling="poisson"`` (each row in each step w.p. ``q``, from a seed of the task's), else the
+        plain run's seeded shuffled, length-grouped batches."""
+        cfg = self.cfg
+        if self.dp_plans is not None and cfg.dp_sampling == "poisson":
+            q = self.dp_plans[task.client].sample_rate
+            picks = poisson_batches(len(rows), q, self._steps(), seed=derive_seed(task.seed, "dp-batches"))
+            return [rows[i] for i in picks]
+        return batch_plan(rows, steps=self._steps(), batch_size=cfg.batch_size, seed=task.seed, lengths=self.lengths)
+
+    def _private(self, opt, task: ClientTask):
+        """The DP-SGD context of one client-round (a no-op without DP)."""
+        if self.dp_plans is None:
+            return contextlib.nullcontext(opt)
+        from .private import dp_sgd
+
+        return dp_sgd(self.model, opt, self.dp_plans[task.client], batch_size=self.cfg.batch_size,
+                      seed=derive_seed(task.seed, "dp-noise"))
 
     # ---- the loop's state ----------------------------------------------------------------------------
     @property
@@ -221,25 +270,32 @@ class Federation:
         params = self.bridge.load(task.start, trains=task.trains, local=task.local)
         torch.manual_seed(derive_seed(task.seed, "dropout"))  # dropout masks: seeded per client-round, after
         # the load (which may create an adapter of a new rank, and its init draws from the global generator)
-        opt = self._optimizer(params, task)
         rows = self.parts[task.client]
-        plan = batch_plan(rows, steps=self._steps(), batch_size=self.cfg.batch_size, seed=task.seed,
-                          lengths=self.lengths)
+        private = self.dp_plans is not None
         self.model.train()
         losses = []
-        for batch_rows in plan:
-            loss = self.loss("train", batch_rows)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+        with self._private(self._optimizer(params, task), task) as opt:
+            for batch_rows in self._batches(task, rows):
+                if private:
+                    self.dp_steps[task.client] += 1
+                    if len(batch_rows) == 0:  # an empty Poisson batch: a step of noise only
+                        from .private import noise_only_step
+
+                        noise_only_step(opt, params)
+                        continue
+                loss = self.loss("train", batch_rows, per_sample=private)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
         for p in params:
             p.requires_grad_(False)
         out = self.bridge.read(task.trains, task.start)
         local = self.bridge.local_head()
         if local:
             self.local_heads[task.client] = local
-        return ClientResult(params=out, num_samples=len(rows), metrics={"train_loss": float(np.mean(losses))},
+        train_loss = float(np.mean(losses)) if losses else float("nan")  # nan: only empty Poisson batches
+        return ClientResult(params=out, num_samples=len(rows), metrics={"train_loss": train_loss},
                             local=local)
 
     # ---- forward ---------------------------------------------------------------------------------------
@@ -259,16 +315,29 @@ class Federation:
                     return self.model(**kw, use_cache=False).logits
             return self.model(**kw).logits
 
-    def loss(self, split: str, rows: np.ndarray) -> Tensor:
+    def loss(self, split: str, rows: np.ndarray, *, per_sample: bool = False) -> Tensor:
+        """The training loss of a batch: cross-entropy of the class, or of the gold choice's tokens.
+
+        Scored choices: the mean over every target token of the batch; with ``per_sample`` (DP) the mean
+        over samples of each sample's mean token loss, ``(1/b) Σ_i (1/|t_i|) Σ_{t ∈ t_i} ℓ_t`` -- DP-SGD
+        needs a mean over samples of per-sample losses (Opacus's ``loss_reduction="mean"`` rescales by
+        the batch size), and a token mean would weigh a sample by its length. Classification: one
+        loss per sample, the same either way.
+        """
+        F = torch.nn.functional
         enc = self.encoded[split]
         if enc.choices is None:
             b = collate_classification(enc, rows, pad_id=self.pad_id)
             logits = self._forward(split, rows, b)  # (b, C)
-            return torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(self.device))
-        b = collate_choices(enc, rows, pad_id=self.pad_id, gold_only=True)
+            return F.cross_entropy(logits.float(), b["labels"].to(self.device))
+        b = collate_choices(enc, rows, pad_id=self.pad_id, gold_only=True)  # one sequence per row
         logits = self._forward(split, rows, b)  # (b, T, V)
-        tgt = b["targets"].to(self.device)
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        tgt = b["targets"].to(self.device)  # (b, T)
+        if not per_sample:
+            return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        tok = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
+        mask = (tgt != -100).float()
+        return ((tok.view_as(mask) * mask).sum(1) / mask.sum(1)).mean()
 
     @torch.no_grad()
     def predict(self, split: str, rows: np.ndarray) -> tuple[np.ndarray, float]:

@@ -21,7 +21,7 @@ from .data import relative_source
 from .engine import Federation
 from .export import export_global
 
-__all__ = ["run", "fed_config", "run_filename", "peak_rss_mib"]
+__all__ = ["run", "fed_config", "run_filename", "peak_rss_mib", "dp_record"]
 
 
 def fed_config(cfg: LLMConfig, num_clients: int) -> FedConfig:
@@ -32,8 +32,32 @@ def fed_config(cfg: LLMConfig, num_clients: int) -> FedConfig:
 
 def run_filename(cfg: LLMConfig) -> str:
     model = Path(cfg.model).name
+    dp = "" if cfg.dp_epsilon is None else f"_eps{cfg.dp_epsilon:g}"
     return (f"{cfg.method}_{model}_{cfg.task}_{cfg.partition}_c{cfg.clients}_r{cfg.rank}_s{cfg.local_steps}"
-            f"_lr{cfg.lr:g}_seed{cfg.seed}.json")
+            f"{dp}_lr{cfg.lr:g}_seed{cfg.seed}.json")
+
+
+def dp_record(cfg: LLMConfig, fed: Federation, history: list[dict]) -> Optional[dict]:
+    """The run's privacy: each client's plan and the ε it spent for the DP steps it took (``None``
+    without DP). Steps are counted from the history -- every client-round in it, kept or rejected,
+    took its local steps as DP steps (empty Poisson batches included), so a resumed run counts the
+    rounds before the interruption too -- or from the engine's counter when that is larger (a run that
+    diverged has no history, but its clients trained)."""
+    if fed.dp_plans is None:
+        return None
+    rounds = [0] * len(fed.dp_plans)
+    for h in history:
+        for c in list(h["clients"]) + [r["client"] for r in h["rejected"]]:
+            rounds[c] += 1
+    clients = []
+    for c, plan in enumerate(fed.dp_plans):
+        steps = max(rounds[c] * fed._steps(), fed.dp_steps[c])
+        clients.append({"client": c, "samples": int(len(fed.parts[c])), "sample_rate": plan.sample_rate,
+                        "noise_multiplier": plan.noise_multiplier, "steps": steps,
+                        "epsilon_spent": plan.spent(steps)})
+    return {"epsilon_target": plan.epsilon, "delta": plan.delta, "max_grad_norm": plan.max_grad_norm,
+            "sampling": cfg.dp_sampling, "clients": clients,
+            "epsilon_spent_max": max(c["epsilon_spent"] for c in clients)}
 
 
 def peak_rss_mib() -> float:
@@ -86,6 +110,7 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),  # the whole run, all clients
         "downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
         "client_steps": steps, "client_steps_per_minute": 60 * steps / train_s if train_s > 0 else None,
+        "dp_epsilon": cfg.dp_epsilon, "dp": dp_record(cfg, fed, hist),
         "frozen_layer_cache": fed.cache is not None,
         "cache_mib": fed.cache.nbytes() / 2**20 if fed.cache is not None else 0.0,
         "peak_rss_mib": peak_rss_mib(), "setup_seconds": setup_s, "train_seconds": train_s,
