@@ -97,7 +97,7 @@ def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = N
                    for h in hist],
         "total_uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),
         "total_downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
-        "dp": _dp_record(cfg, toy, len(hist) * run_cfg.local_steps),
+        "dp_epsilon": cfg.dp_epsilon, "dp": _dp_record(cfg, toy, len(hist) * run_cfg.local_steps),
         "wall_seconds": time.perf_counter() - t0,
         **provenance(), **(extra or {}),
     }
