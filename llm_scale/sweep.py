@@ -17,6 +17,10 @@ cell at its tuned lr for every seed, scored on the test rows. One JSON per run (
 or ``"eval"``); a run whose complete JSON exists is skipped, so an interrupted sweep resumes by
 re-running the same command.
 
+A sweep may also have a privacy axis (``epsilons``, the ``dp`` preset): each cell then runs at every
+per-client DP target ε (``None`` = no DP), lives in a folder suffixed ``_eps<ε>`` (``_nodp``), and its
+learning rate is tuned at that ε. Presets without it keep their cells, folders and file names.
+
 Workers (``--jobs``) are separate processes with one torch thread each; each builds the data split and
 the frozen-layer cache once (``split_seed`` fixes the test rows for every seed) and keeps one model
 per seed, re-pointed at each run (``Federation.reconfigure``).
@@ -38,6 +42,7 @@ from .config import CENTRALISED, LLMConfig, load_config
 __all__ = ["Sweep", "PRESETS", "run_sweep", "tune_key", "eval_runs", "tune_grid_runs"]
 
 RANKLESS = ("full", "full-galore")  # train the dense weights: the adapter rank does not apply
+Cell = tuple  # (method, clients, partition, rank, dp_epsilon): dp_epsilon None = no DP
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Sweep:
     tune_seed: int = 100  # never an evaluation seed
     tune_cell: tuple[int, str] = (20, "iid")  # (clients, partition) where each (rule, rank) is tuned
     centralised: bool = True  # one client with all the rows and all the steps: the ceiling of every rule
+    epsilons: tuple[Optional[float], ...] = (None,)  # per-client DP targets (None = no DP); (None,) = no privacy axis
     config: str = "cpu-minilm-tweets"
     base: dict = dataclasses.field(default_factory=dict)  # LLMConfig fields for every run
 
@@ -65,30 +71,38 @@ class Sweep:
                              f"{self.local_steps} steps; choose a multiple of {per_round}")
         return self.total_steps // per_round
 
+    @property
+    def private(self) -> bool:
+        """Whether the cells have a privacy axis (their folders and tuning keys then name ε)."""
+        return tuple(self.epsilons) != (None,)
+
     def config_for(self, method: str, clients: int, partition: str, rank: int, *, lr: float, seed: int,
-                   role: str) -> LLMConfig:
+                   role: str, dp_epsilon: Optional[float] = None) -> LLMConfig:
         if method == CENTRALISED:  # one optimiser over all the steps, one evaluation at the end
             sched = dict(clients=1, rounds=1, local_steps=self.total_steps, partition="iid")
         else:
             sched = dict(clients=clients, rounds=self.rounds(clients), local_steps=self.local_steps, partition=partition)
         return load_config(self.config, **{**self.base, **sched, "method": method, "rank": rank, "lr": lr,
-                                           "seed": seed, "eval_every": sched["rounds"],
+                                           "seed": seed, "eval_every": sched["rounds"], "dp_epsilon": dp_epsilon,
                                            "eval_splits": ["val"] if role == "tune" else ["test"]})
 
-    def cells(self) -> Iterable[tuple[str, int, str, int]]:
-        """(method, clients, partition, rank) in the order they run: centralised first (the sanity
+    def cells(self) -> Iterable[Cell]:
+        """(method, clients, partition, rank, ε) in the order they run: centralised first (the sanity
         check), then rank by rank and partition by partition (IID at the paper's rank 2 first), every
-        rule at each number of clients. Rank-free rules (``full``) run at the first rank only."""
+        rule at each number of clients and privacy target. Rank-free rules (``full``) run at the first
+        rank only."""
         if self.centralised:
             for rank in self.ranks:
-                yield CENTRALISED, 1, "iid", rank
+                for eps in self.epsilons:
+                    yield CENTRALISED, 1, "iid", rank, eps
         for rank in self.ranks:
             for partition in self.partitions:
                 for clients in self.clients:
-                    for method in self.methods:
-                        if method in RANKLESS and rank != self.ranks[0]:
-                            continue
-                        yield method, clients, partition, rank
+                    for eps in self.epsilons:
+                        for method in self.methods:
+                            if method in RANKLESS and rank != self.ranks[0]:
+                                continue
+                            yield method, clients, partition, rank, eps
 
 
 PRESETS = {
@@ -106,6 +120,18 @@ PRESETS = {
                     lr_extend=(2.5e-4, 1.6e-2), tune_cell=(20, "iid"), config="cpu-smollm-tweets",
                     base=dict(layers=[29], batch_size=4, train_subset=960, val_fraction=0.05, test_subset=150,
                               split_seed=0)),
+    # Sample-level DP-SGD in each client's local training (issue 11; README "Differential privacy"): MiniLM
+    # on the tweets as in `scaling`, 3 IID clients (FFA-LoRA's DP experiments use few), rank 8, per-client
+    # ε ∈ {no DP, 8, 3, 1} at δ = 1e-5, C = 1, Poisson batches; lr tuned per (rule, ε). 300 client-steps of
+    # (expected) batch 16 = 4,800 rows, one pass over the 4,800 training rows; 2 local steps, 50 rounds:
+    # each client takes 100 DP steps at q = 16 / 1,600 (σ ≈ 0.50 / 0.71 / 1.08 for ε = 8 / 3 / 1). A DP
+    # step costs ≈1.7× a plain one here (Poisson batches are not length-grouped), so the ≈80 runs (36 eval,
+    # ≥36 tuning) take ≈1 hour on 2 workers; fedex and flexlora would add ≈2/3 more.
+    "dp": Sweep(name="dp", methods=("fedavg", "ffa", "rolora"), clients=(3,), partitions=("iid",), ranks=(8,),
+                epsilons=(None, 8.0, 3.0, 1.0), total_steps=300, local_steps=2, tune_cell=(3, "iid"),
+                centralised=False,
+                base=dict(layers=[5], batch_size=16, train_subset=4800, val_fraction=0.05, test_subset=1000,
+                          split_seed=0, dp_delta=1e-5, dp_max_grad_norm=1.0, dp_sampling="poisson")),
     # Minutes, same code path: two rules, two client counts, two seeds, a tiny budget.
     "quick": Sweep(name="quick", methods=("fedavg", "rolora"), clients=(3, 6), partitions=("iid",), ranks=(2,),
                    seeds=(0, 1), total_steps=36, local_steps=2, lr_grid=(2e-3, 4e-3), lr_extend=(),
@@ -116,23 +142,34 @@ PRESETS = {
 
 
 # ---- paths and keys ----------------------------------------------------------------------------------
-def _cell_dir(out: Path, sweep: Sweep, method: str, clients: int, partition: str, rank: int) -> Path:
+def _eps_tag(eps: Optional[float]) -> str:
+    return "nodp" if eps is None else f"eps{eps:g}"
+
+
+def _cell_dir(out: Path, sweep: Sweep, method: str, clients: int, partition: str, rank: int,
+              eps: Optional[float] = None) -> Path:
     cell = "centralised" if method == CENTRALISED else f"{partition}_c{clients}"
-    return Path(out) / "llm_scale" / sweep.name / f"{cell}_r{rank}"
+    privacy = f"_{_eps_tag(eps)}" if sweep.private else ""
+    return Path(out) / "llm_scale" / sweep.name / f"{cell}_r{rank}{privacy}"
 
 
-def tune_key(sweep: Sweep, method: str, rank: int) -> tuple[str, int, str, int]:
-    """The cell where (method, rank) is tuned."""
+def tune_key(sweep: Sweep, method: str, rank: int, eps: Optional[float] = None) -> Cell:
+    """The cell where (method, rank) is tuned, at privacy target ``eps``."""
     if method == CENTRALISED:
-        return method, 1, "iid", rank
+        return method, 1, "iid", rank, eps
     clients, partition = sweep.tune_cell
-    return method, clients, partition, (sweep.ranks[0] if method in RANKLESS else rank)
+    return method, clients, partition, (sweep.ranks[0] if method in RANKLESS else rank), eps
+
+
+def _key_label(sweep: Sweep, k: Cell) -> str:
+    """``"fedavg r8"`` (``"fedavg r8 eps3"`` with a privacy axis): the tuning table's key."""
+    return f"{k[0]} r{k[3]}" + (f" {_eps_tag(k[4])}" if sweep.private else "")
 
 
 def _run_path(out: Path, sweep: Sweep, cfg: LLMConfig, role: str) -> Path:
     from .run import run_filename
 
-    d = _cell_dir(out, sweep, cfg.method, cfg.clients, cfg.partition, cfg.rank)
+    d = _cell_dir(out, sweep, cfg.method, cfg.clients, cfg.partition, cfg.rank, cfg.dp_epsilon)
     return (d / "tune" if role == "tune" else d) / run_filename(cfg)
 
 
@@ -227,9 +264,9 @@ class _Pool:
 
 
 # ---- the two phases --------------------------------------------------------------------------------------
-def _job(out: Path, sweep: Sweep, cell: tuple, *, lr: float, seed: int, role: str, extra: dict) -> dict:
-    method, clients, partition, rank = cell
-    cfg = sweep.config_for(method, clients, partition, rank, lr=lr, seed=seed, role=role)
+def _job(out: Path, sweep: Sweep, cell: Cell, *, lr: float, seed: int, role: str, extra: dict) -> dict:
+    method, clients, partition, rank, eps = cell
+    cfg = sweep.config_for(method, clients, partition, rank, lr=lr, seed=seed, role=role, dp_epsilon=eps)
     return {"path": str(_run_path(out, sweep, cfg, role)), "config": dataclasses.asdict(cfg),
             "extra": {"sweep": sweep.name, "role": role, "total_steps": sweep.total_steps, **extra}}
 
@@ -245,7 +282,7 @@ def _tune_keys(sweep: Sweep, methods: Optional[Iterable[str]]) -> list[tuple]:
     for cell in sweep.cells():
         if methods is not None and cell[0] not in methods:
             continue
-        k = tune_key(sweep, cell[0], cell[3])
+        k = tune_key(sweep, cell[0], cell[3], cell[4])
         if k not in keys:
             keys.append(k)
     return keys
@@ -297,7 +334,7 @@ def _tune(sweep: Sweep, out: Path, pool: _Pool, keys: list[tuple], bar, code: Op
             acc = res["val"]
             done[k][lr] = acc if acc is not None and acc == acc and not res["diverged"] else -1.0
             bar.update(1)
-            bar.set_postfix_str(f"tune {k[0]} r{k[3]} lr={lr:g}: val {done[k][lr]:.3f}")
+            bar.set_postfix_str(f"tune {_key_label(sweep, k)} lr={lr:g}: val {done[k][lr]:.3f}")
 
 
 def eval_runs(sweep: Sweep, out: Path, chosen: dict, methods: Optional[Iterable[str]] = None,
@@ -306,13 +343,14 @@ def eval_runs(sweep: Sweep, out: Path, chosen: dict, methods: Optional[Iterable[
     for cell in sweep.cells():
         if methods is not None and cell[0] not in methods:
             continue
-        k = tune_key(sweep, cell[0], cell[3])
+        k = tune_key(sweep, cell[0], cell[3], cell[4])
         lr, table = chosen[k]
         for seed in seeds or sweep.seeds:
             jobs.append(_job(out, sweep, cell, lr=lr, seed=seed, role="eval",
                              extra={"lr_grid": sorted(set(sweep.lr_grid) | set(sweep.lr_extend)),
                                     "tune_seed": sweep.tune_seed, "tune_val_accuracy": table,
-                                    "lr_tuned_at": {"clients": k[1], "partition": k[2], "rank": k[3]}}))
+                                    "lr_tuned_at": {"clients": k[1], "partition": k[2], "rank": k[3],
+                                                    **({"dp_epsilon": k[4]} if sweep.private else {})}}))
     return jobs
 
 
@@ -329,7 +367,8 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
         n_seeds = len(tuple(seeds or sweep.seeds))
         for c in cells:
             rounds = 1 if c[0] == CENTRALISED else sweep.rounds(c[1])
-            print(f"{c[0]:>13} {c[2]:>9} {c[1]:>3} clients r{c[3]}: {rounds} rounds × "
+            privacy = f" {'no DP' if c[4] is None else f'ε={c[4]:g}':>5}" if sweep.private else ""
+            print(f"{c[0]:>13} {c[2]:>9} {c[1]:>3} clients r{c[3]}{privacy}: {rounds} rounds × "
                   f"{sweep.total_steps if c[0] == CENTRALISED else sweep.local_steps} steps, {n_seeds} seeds")
         print(f"{len(keys)} tuning cells (≥ {len(sweep.lr_grid)} lrs each), {len(cells) * n_seeds} eval runs, "
               f"{sweep.total_steps} client-steps each")
@@ -344,7 +383,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
     try:
         bar = tqdm(total=0, desc=f"sweep {sweep.name}", disable=not progress)
         chosen = _tune(sweep, out, pool, keys, bar, code)
-        table = {f"{k[0]} r{k[3]}": {"lr": lr, "val_accuracy": t} for k, (lr, t) in chosen.items()}
+        table = {_key_label(sweep, k): {"lr": lr, "val_accuracy": t} for k, (lr, t) in chosen.items()}
         atomic_write_json(Path(out) / "llm_scale" / sweep.name / "tuning.json",
                           {"sweep": sweep.name, "tuned_at": {"clients": sweep.tune_cell[0],
                                                              "partition": sweep.tune_cell[1]},

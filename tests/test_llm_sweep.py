@@ -149,3 +149,31 @@ def test_scaling_table_pairs_seeds_and_marks_only_intervals_that_exclude_zero(tm
     assert "0.700 ± 0.010 (n=3)" in table and "RoLoRA paper, Table 2" in table
     (tmp_path / "r").mkdir()
     assert make_all(tmp_path / "r", tmp_path / "fig") == []  # no results: nothing drawn, no error
+
+
+def test_a_privacy_axis_gets_its_own_folders_tuning_and_records(table, tmp_path, capsys):
+    """epsilons=(None, 3): every cell runs without DP and at ε = 3, in folders suffixed _nodp / _eps3, each
+    tuned on its own; records carry dp_epsilon and the privacy spent. Presets without the axis keep their
+    folder names (the scaling test above, and the committed results)."""
+    sw = Sweep(name="tinydp", methods=("fedavg",), clients=(2,), partitions=("iid",), ranks=(2,), seeds=(0,),
+               epsilons=(None, 3.0), total_steps=4, local_steps=1, lr_grid=(2e-3, 8e-3), lr_extend=(),
+               tune_cell=(2, "iid"), centralised=False, config=None, base=_base(table))
+    rows = run_sweep(sw, out=tmp_path, tiny=TINY, progress=False)
+    root = tmp_path / "llm_scale" / "tinydp"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["iid_c2_r2_eps3", "iid_c2_r2_nodp"]
+    assert len(rows) == 2
+    plain, = [json.loads(p.read_text()) for p in (root / "iid_c2_r2_nodp").glob("*.json")]
+    private, = [json.loads(p.read_text()) for p in (root / "iid_c2_r2_eps3").glob("*.json")]
+    assert plain["dp_epsilon"] is None and plain["dp"] is None
+    assert private["dp_epsilon"] == 3.0 and private["dp"]["epsilon_spent_max"] <= 3.0
+    assert private["lr_tuned_at"]["dp_epsilon"] == 3.0
+    assert "_eps3_lr" in next((root / "iid_c2_r2_eps3").glob("*.json")).name
+    assert len(list((root / "iid_c2_r2_eps3" / "tune").glob("*.json"))) == 2  # tuned at its own ε
+    chosen = json.loads((root / "tuning.json").read_text())["chosen"]
+    assert set(chosen) == {"fedavg r2 nodp", "fedavg r2 eps3"}
+    from llm_scale.__main__ import main
+
+    assert main(["sweep", "--preset", "dp", "--out", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "36 eval runs" in out and "rolora       iid   3 clients r8   ε=1: 50 rounds × 2 steps" in out
+    assert "fedavg       iid   3 clients r8 no DP" in out
