@@ -68,7 +68,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                                              "(rule, clients, partition, rank) cell for every seed. Resumable: re-run "
                                              "the same command and finished runs are skipped.")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="scaling",
-                    help="scaling: the client-scaling study (README); quick: minutes, the same code path")
+                    help="scaling: the client-scaling study (README); dp: rules under per-client DP-SGD at "
+                         "ε ∈ {no DP, 8, 3, 1}; smollm: the causal path; quick: minutes, the same code path")
     ap.add_argument("--out", type=Path, required=True, help="results root; runs go to OUT/llm_scale/<preset>/")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each (2 on this machine)")
     ap.add_argument("--methods", nargs="+", help="only these rules (default: the preset's)")
