@@ -332,6 +332,8 @@ def _train_reference_dp(task: ClientTask, toy: Toy, cfg: ToyConfig) -> ClientRes
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    import warnings
+
     g0, n, plan = task.start[NAME], toy.sizes[task.client], toy.dp[task.client]
     X, y = toy.X[task.client, :n], toy.y[task.client, :n]
     net = _ToyNet(toy, g0, task.trains)
@@ -352,7 +354,9 @@ def _train_reference_dp(task: ClientTask, toy: Toy, cfg: ToyConfig) -> ClientRes
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
         else:
             loss = F.cross_entropy(gsm(X[rows]), y[rows])  # mean over the batch: Opacus rescales by its size
-            loss.backward()
+            with warnings.catch_warnings():  # the hooked modules' inputs need no grad: expected here
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             losses.append(float(loss.detach()))
         opt.step()
     gsm._close()
