@@ -41,7 +41,41 @@ class _Lookup(nn.Module):
         return self.current
 
 
-class FrozenLayerCache:
+class _LayerCache:
+    """What both caches share: the digest of the frozen weights the cached states depend on, and
+    handing the cached states to another copy of the model whose frozen part is the same."""
+
+    L0: int
+    dtype: torch.dtype
+
+    def _frozen_modules(self) -> list[nn.Module]:  # the embeddings and the blocks below L0
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A digest of every weight the cached rows depend on: the embeddings and blocks ``< L0``."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for mod in self._frozen_modules():
+            for name, p in mod.state_dict().items():
+                h.update(name.encode())
+                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def for_model(self, base_model: nn.Module):
+        """The same cached rows serving another copy of the model, when its frozen part is the same
+        (a pretrained model under another seed: only the head and the adapters differ); ``None``
+        when it is not (a random model of another seed), and the caller builds its own."""
+        other = type(self)(base_model, first_adapted=self.L0, dtype=self.dtype)
+        if not hasattr(self, "_digest"):
+            self._digest = self.fingerprint()
+        if other.fingerprint() != self._digest:
+            return None
+        other.rows, other._digest = self.rows, self._digest
+        return other
+
+
+class FrozenLayerCache(_LayerCache):
     def __init__(self, base_model: nn.Module, *, first_adapted: int, dtype: torch.dtype = torch.float32):
         self.encoder_model = getattr(base_model, base_model.base_model_prefix)  # e.g. model.bert
         self.L0 = first_adapted
@@ -79,29 +113,9 @@ class FrozenLayerCache:
         finally:
             self.encoder_model.encoder.layer = layers
 
-    def fingerprint(self) -> str:
-        """A digest of every weight the cached rows depend on: the embeddings and blocks ``< L0``."""
-        import hashlib
-
+    def _frozen_modules(self) -> list[nn.Module]:
         m = self.encoder_model
-        h = hashlib.sha256()
-        for mod in (m.embeddings, *list(m.encoder.layer)[:self.L0]):
-            for name, p in mod.state_dict().items():
-                h.update(name.encode())
-                h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def for_model(self, base_model: nn.Module) -> "FrozenLayerCache | None":
-        """The same cached rows serving another copy of the model, when its frozen part is the same
-        (a pretrained model under another seed: only the head and the adapters differ); ``None``
-        when it is not (a random model of another seed), and the caller builds its own."""
-        other = FrozenLayerCache(base_model, first_adapted=self.L0, dtype=self.dtype)
-        if not hasattr(self, "_digest"):
-            self._digest = self.fingerprint()
-        if other.fingerprint() != self._digest:
-            return None
-        other.rows, other._digest = self.rows, self._digest
-        return other
+        return [m.embeddings, *list(m.encoder.layer)[:self.L0]]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for rows in self.rows.values() for t in rows)
@@ -129,7 +143,7 @@ class FrozenLayerCache:
             self._lookup.current = None
 
 
-class CausalLayerCache:
+class CausalLayerCache(_LayerCache):
     """The same, one level over a Llama-architecture causal LM that scores choices: the hidden state
     entering decoder block ``L0`` of every (row, choice) sequence, computed once.
 
@@ -173,24 +187,8 @@ class CausalLayerCache:
             d.layers, d.norm = layers, norm
             d.train(was)
 
-    def fingerprint(self) -> str:
-        import hashlib
-
-        h = hashlib.sha256()
-        for mod in (self.decoder.embed_tokens, *list(self.decoder.layers)[:self.L0]):
-            for name, p in mod.state_dict().items():
-                h.update(name.encode())
-                h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def for_model(self, base_model: nn.Module) -> "CausalLayerCache | None":
-        other = CausalLayerCache(base_model, first_adapted=self.L0, dtype=self.dtype)
-        if not hasattr(self, "_digest"):
-            self._digest = self.fingerprint()
-        if other.fingerprint() != self._digest:
-            return None
-        other.rows, other._digest = self.rows, self._digest
-        return other
+    def _frozen_modules(self) -> list[nn.Module]:
+        return [self.decoder.embed_tokens, *list(self.decoder.layers)[:self.L0]]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for rows in self.rows.values() for t in rows.values())
