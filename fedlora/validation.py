@@ -30,7 +30,8 @@ class UpdateError(ValueError):
 
 
 class NonFiniteUpdateError(UpdateError):
-    """A client sent NaN/Inf: usually its local training diverged (learning rate too large)."""
+    """A client sent NaN/Inf, or factor entries so large that B·A would overflow: its local training
+    diverged (learning rate too large). Sweeps score such a run as diverged rather than stopping."""
 
 
 def _who(k: int, client_ids: Optional[Sequence]) -> str:
@@ -126,7 +127,7 @@ def _check_update(u, who: str, shape: tuple[int, int], want: set, g_rank: Option
             limit = magnitude_limit(t.dtype, max(m, n))
             big = float(t.abs().max()) if t.numel() else 0.0
             if big > limit:
-                raise UpdateError(f"{who}: {field} has an entry of magnitude {big:.3g}, beyond {limit:.3g}, the "
+                raise NonFiniteUpdateError(f"{who}: {field} has an entry of magnitude {big:.3g}, beyond {limit:.3g}, the "
                                   f"most a factor can hold before B·A overflows {t.dtype}; the client diverged: "
                                   "lower its learning rate")
     if u.W is not None and tuple(u.W.shape) != (m, n):

@@ -73,3 +73,17 @@ def test_stack_clients_stacks_equal_ranks_and_refuses_ragged_ones():
     assert A.shape == (4, 2, 5) and B.shape == (4, 3, 2) and torch.equal(A[3], fs[3].A)
     with pytest.raises(ValueError, match="equal ranks"):
         stack_clients(fs + [LoRAFactors(A=torch.zeros(1, 5), B=torch.zeros(3, 1))])
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "rolora", "fedex"])
+def test_factors_about_to_overflow_count_as_a_diverged_client(rule):
+    """Finite but huge factors (B·A would overflow) are the same failure as NaN: a diverged client.
+    Sweeps catch NonFiniteUpdateError to score the run as diverged; before, this case stopped them."""
+    case = make_case(rule, m=6, n=4, r=2, K=3, seed=0)
+    bad = case.updates[1]
+    field = next(iter(bad.fields()))
+    t = bad.fields()[field].clone()
+    t.view(-1)[0] = 1e200
+    case.updates[1] = ClientUpdate(**{**bad.fields(), field: t}, scale=bad.scale)
+    with pytest.raises(NonFiniteUpdateError, match=r"client 1: .* magnitude .* the client diverged"):
+        aggregate(rule, case.state, case.updates, case.weights, ctx=case.ctx)
