@@ -4,7 +4,6 @@ clipping, per-sample clipping and the noise against hand computations, only the 
 noised, determinism and resume, and the refusals."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -23,24 +22,14 @@ from llm_scale.engine import Federation  # noqa: E402
 from llm_scale.private import dp_sgd  # noqa: E402
 from llm_scale.run import run  # noqa: E402
 
-from test_llm_scale import _run  # noqa: E402
+from test_llm_scale import _run, word_table  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     """A learnable two-class CSV whose label words tokenize to different lengths, so that the causal
     path's per-sample mean token loss differs from a token mean over the batch."""
-    path = tmp_path_factory.mktemp("dpdata") / "toy.csv"
-    rng = np.random.default_rng(0)
-    words = {0: ["bad", "awful", "sad", "poor", "worst"], 1: ["good", "great", "happy", "fine", "best"]}
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for i in range(120):
-            y = i % 2
-            w.writerow([" ".join(rng.choice(words[y], 4)) + f" item {i}", "quite wonderfully good" if y else "bad"])
-    return path
-
+    return word_table(tmp_path_factory.mktemp("dpdata") / "toy.csv", labels=("bad", "quite wonderfully good"))
 
 def _cfg(table, **kw):
     base = dict(model="tiny-roberta", task="table", data_path=str(table), method="fedavg", clients=3, rounds=2,

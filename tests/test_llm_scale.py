@@ -24,10 +24,8 @@ TARGETS = {"tiny-roberta": ["query", "value", "intermediate.dense", "output.dens
            "tiny-gpt2": ["c_attn", "c_fc"]}  # Conv1D: weights stored in × out
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    """A small two-class CSV whose label a model can learn from the words."""
-    path = tmp_path_factory.mktemp("data") / "toy.csv"
+def word_table(path, labels=("neg", "pos")):
+    """A small two-class CSV whose label a model can learn from the words; ``labels`` names class 0, 1."""
     rng = np.random.default_rng(0)
     words = {0: ["bad", "awful", "sad", "poor", "worst"], 1: ["good", "great", "happy", "fine", "best"]}
     with open(path, "w", newline="") as f:
@@ -35,8 +33,13 @@ def table(tmp_path_factory):
         w.writerow(["text", "label"])
         for i in range(120):
             y = i % 2
-            w.writerow([" ".join(rng.choice(words[y], 4)) + f" item {i}", "pos" if y else "neg"])
+            w.writerow([" ".join(rng.choice(words[y], 4)) + f" item {i}", labels[y]])
     return path
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    return word_table(tmp_path_factory.mktemp("data") / "toy.csv")
 
 
 def _cfg(table, model, method, **kw):
