@@ -124,14 +124,21 @@ class Sweep:
                         yield work, setting, method, rank
 
 
+# The tuning procedure of the main, rank, scaling and dp presets: a ×2 grid around 0.1, grown one step
+# past whichever edge holds the best until the best is interior; the best = mean final validation
+# accuracy over 3 tuning seeds (never evaluation seeds). One tuning seed picked by noise (issue 13).
+_TUNED = dict(lr_grid=(0.05, 0.1, 0.2), lr_extend=(), lr_factor=2.0, tune_seeds=(100, 101, 102))
+
 PRESETS = {
     # The main table: 3 local-work settings × 8 rules × 2 label-skew settings (+ centralised), 5 seeds.
-    "main": Sweep(name="main"),
+    # The lr is tuned per (rule, local work) at 10 × 1 label by mean validation accuracy over 3 tuning
+    # seeds, on a ×2 grid grown past an edge until the best is interior, and reused for 5 × 2 labels.
+    "main": Sweep(name="main", **_TUNED),
     # Accuracy vs rank at the cheapest local work, 10 × 1 label only, 3 seeds. It starts at rank 2:
     # at rank 1 the bias-free toy can only predict two classes (see model.py).
     # Rank 8 comes from the main sweep (same setting and schedule); figures pool them.
     "rank": Sweep(name="rank", methods=("fedavg", "ffa", "rolora"), settings=((10, 1),),
-                  works=(Work(20, 0, 100),), ranks=(2, 4, 16), seeds=(0, 1, 2), centralised=False),
+                  works=(Work(20, 0, 100),), ranks=(2, 4, 16), seeds=(0, 1, 2), centralised=False, **_TUNED),
     # The published re-implementation's schedule (rank 16, 100 rounds × 5 local epochs, SGD lr 0.02, no
     # tuning) for the three methods it reports, to check the claim in its own setting.
     "paper": Sweep(name="paper", methods=("fedavg", "ffa", "rolora"), settings=((10, 1),), works=(Work(0, 5, 100),),
@@ -148,15 +155,13 @@ PRESETS = {
     "scaling": Sweep(name="scaling", methods=SCALING_METHODS,
                      settings=tuple(Setting(k, p) for p in ("dirichlet", "iid") for k in (5, 10, 20, 50, 100)),
                      works=(Work(10, 0, 0),), total_client_steps=10_000, ranks=(8,), seeds=(0, 1, 2, 3, 4),
-                     lr_grid=(0.05, 0.1, 0.2), lr_extend=(), lr_factor=2.0, tune_seeds=(100, 101, 102),
-                     tune_setting_only=None, tune_partition="dirichlet", evals_per_run=20),
+                     **_TUNED, tune_setting_only=None, tune_partition="dirichlet", evals_per_run=20),
     # DP-SGD per client (fedlora.dp) at the main setting (10 × 1 label, 20 steps × 100 rounds, rank 8):
     # ε ∈ {∞ (no DP), 8, 3, 1} at δ = 1e-5 over each client's 2,000 steps, clipping norm C = 1, Poisson
     # batches of 64 on average; the lr tuned per (rule, ε) on 3 tuning seeds, ×2 grid grown past its edges.
     "dp": Sweep(name="dp", methods=("fedavg", "ffa", "rolora", "fedex", "flexlora"),
                 settings=tuple(Setting(10, "labels", 1, e) for e in (None, 8.0, 3.0, 1.0)),
-                works=(Work(20, 0, 100),), ranks=(8,), seeds=(0, 1, 2), lr_grid=(0.05, 0.1, 0.2), lr_extend=(),
-                lr_factor=2.0, tune_seeds=(100, 101, 102), tune_setting_only=None, centralised=False,
+                works=(Work(20, 0, 100),), ranks=(8,), seeds=(0, 1, 2), **_TUNED, tune_setting_only=None, centralised=False,
                 base=dict(dp_max_grad_norm=1.0, dp_delta=1e-5)),
 }
 
