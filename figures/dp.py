@@ -94,8 +94,11 @@ def plot_dp(runs: list[dict], title: str):
 def dp_table(runs: list[dict], title: str) -> str:
     cells = dp_cells(runs)
     cols = _columns(cells)
-    spent = defaultdict(float)
+    spent, lrs = defaultdict(float), defaultdict(set)
     for r in runs:
+        lr = r.get("lr", (r.get("config") or {}).get("lr"))
+        if lr is not None:
+            lrs[(r["method"], _eps(r))].add(float(lr))
         if r.get("dp"):
             spent[_eps(r)] = max(spent[_eps(r)], r["dp"]["epsilon_spent_max"])
     lines = [f"**{title}** (final test accuracy, mean ± sample std over seeds; n = seeds)", "",
@@ -112,6 +115,11 @@ def dp_table(runs: list[dict], title: str) -> str:
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines.append("| largest ε spent by any client | " + " | ".join(
         f"{spent[e]:.3f}" if e in spent else "—" for e in cols) + " |")
+    lines += ["", "**Learning rate used** (tuned per rule and ε on the validation split by the tier's procedure)", "",
+              "| rule | " + " | ".join(f"ε = {_label(e)}" for e in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in _methods(cells):
+        lines.append(f"| {m} | " + " | ".join(", ".join(f"{x:g}" for x in sorted(lrs.get((m, e), ()))) or "—"
+                                             for e in cols) + " |")
     lines += ["", "**Paired differences** (same seeds; mean [95% t-interval]; **bold** when it excludes 0)", "",
               "| pair | " + " | ".join(f"ε = {_label(e)}" for e in cols) + " |", "|---|" + "---|" * len(cols)]
     for a, b in PAIRS:

@@ -168,7 +168,7 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     if single:
         written += save_figure(plot_accuracy(single, x="round"), out_dir, "llm_accuracy_vs_round")
         written += save_figure(plot_accuracy(single, x="uplink"), out_dir, "llm_accuracy_vs_uplink")
-    for sweep in sorted({r["sweep"] for r in runs if "sweep" in r}):
+    for sweep in sorted({r["sweep"] for r in runs if "sweep" in r} - {"dp"}):  # figures.dp draws the dp sweep
         rs = sweep_runs(runs, sweep)
         if not rs:
             continue

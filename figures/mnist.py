@@ -33,7 +33,7 @@ from .stats import format_paired, paired, significant, summary, tail_mean  # noq
 
 __all__ = ["load_runs", "plot_accuracy_vs_round", "plot_accuracy_vs_rank", "plot_accuracy_vs_bytes",
            "summary_table", "pivot_table", "paired_table", "final_tail", "scaling_runs", "plot_scaling",
-           "scaling_table", "make_all"]
+           "scaling_table", "tuning_table", "make_all"]
 
 ORDER = ("centralised", "fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
 STYLE = {"centralised": dict(color="black", ls="--"), "fedavg": dict(color="C0"), "ffa": dict(color="C1"),
@@ -304,8 +304,53 @@ def paired_table(runs: list[dict]) -> str:
     return "\n".join(lines + ["", _tally_line(tally)]) + "\n"
 
 
+# ---- the learning-rate search behind each cell ---------------------------------------------------------
+def _lr_key(lr: str) -> float:
+    return float(lr)
+
+
+def tuning_table(runs: list[dict]) -> str:
+    """Markdown: the whole lr search behind each tuned cell, from the eval records' ``tune_val_accuracy``
+    (lr -> mean final validation accuracy over the tuning seeds; a diverged tuning run counts as −1):
+    one row per (setting tuned on, local work, rank, rule), every lr tried with its mean, the chosen one
+    in bold, and whether it is interior (a better value at neither neighbour of the grid)."""
+    rows = {}
+    for r in runs:
+        table = r.get("tune_val_accuracy")
+        if not table:
+            continue
+        where = r.get("lr_tuned_on", "this setting")
+        source = r["setting"] if where == "this setting" else where.replace("_", " ")
+        rows[(source, r["local_work"], r["rank"], r["method"])] = (table, r["lr"], r.get("tune_seeds") or [])
+    if not rows:
+        return ""
+    keys = _setting_keys([dict(setting=k[0], partition=None, clients=0) for k in rows] + runs)
+    lines = ["Learning-rate search per tuned cell: mean final validation accuracy over the tuning seeds at each lr "
+             "tried (a diverged run counts as −1); **bold** = chosen (best mean, ties to the smaller lr); "
+             "interior = the chosen lr has a tried neighbour on both sides. The chosen lr is reused for the "
+             "settings that name this one as `lr_tuned_on`.", "",
+             "| tuned on | local work | r | method | tuning seeds | lr: mean val. acc. | interior |",
+             "|---|---|---|---|---|---|---|"]
+    order = lambda k: (keys.get(k[0], (True, 9, 0, k[0])), WORK_ORDER(k[1]), k[2],  # noqa: E731
+                       ORDER.index(k[3]) if k[3] in ORDER else 99)
+    for k in sorted(rows, key=order):
+        table, chosen, seeds = rows[k]
+        lrs = sorted(table, key=_lr_key)
+        cells = []
+        for lr in lrs:
+            text = f"{_lr_key(lr):g}: {table[lr]['mean_val_accuracy']:.3f}"
+            cells.append(f"**{text}**" if abs(_lr_key(lr) - chosen) <= 1e-12 * chosen else text)
+        i = [abs(_lr_key(lr) - chosen) <= 1e-12 * chosen for lr in lrs].index(True) if any(
+            abs(_lr_key(lr) - chosen) <= 1e-12 * chosen for lr in lrs) else -1
+        interior = "yes" if 0 < i < len(lrs) - 1 else ("single lr" if len(lrs) == 1 else "no (edge)")
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {', '.join(str(x) for x in seeds)} | "
+                     f"{' · '.join(cells)} | {interior} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- the client-scaling sweep ------------------------------------------------------------------------------
 SCALING = "scaling"
+DP = "dp"
 RANKLESS = ("full",)
 
 
@@ -372,6 +417,9 @@ def _sweep_outputs(name: str, group: list[dict], out_dir: Path) -> list[Path]:
     written.append(_write(out_dir, f"mnist_{name}_table.md", summary_table(group)))
     written.append(_write(out_dir, f"mnist_{name}_pivot.md", pivot_table(group)))
     written.append(_write(out_dir, f"mnist_{name}_paired.md", paired_table(group)))
+    tuning = tuning_table(group)
+    if tuning:
+        written.append(_write(out_dir, f"mnist_{name}_tuning.md", tuning))
     return written
 
 
@@ -386,7 +434,7 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    others = [r for r in runs if r.get("sweep") != SCALING]
+    others = [r for r in runs if r.get("sweep") not in (SCALING, DP)]  # figures.dp draws the dp sweep
     for (sweep,), group in sorted(_groups(others, "sweep").items(), key=lambda kv: str(kv[0])):
         written += _sweep_outputs(sweep or "runs", group, out_dir)
     scal = scaling_runs(runs)
@@ -394,6 +442,9 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
         written += _save(plot_scaling(scal), out_dir, "mnist_scaling_accuracy_vs_clients")
         written.append(_write(out_dir, "mnist_scaling_table.md", scaling_table(scal)))
         written.append(_write(out_dir, "mnist_scaling_paired.md", paired_table(scal)))
+        tuning = tuning_table(scal)
+        if tuning:
+            written.append(_write(out_dir, "mnist_scaling_tuning.md", tuning))
     for (setting, work, rounds), group in _groups(
             [dict(r, n_rounds=r["config"]["rounds"]) for r in others], "setting", "local_work", "n_rounds").items():
         if setting == "centralised":

@@ -53,3 +53,11 @@ def test_make_all_reads_only_eval_records_of_each_tier(tmp_path):
     assert names == ["mnist_dp_accuracy_vs_epsilon.pdf", "mnist_dp_accuracy_vs_epsilon.png", "mnist_dp_table.md"]
     assert "(n=4)" not in (tmp_path / "fig" / "mnist_dp_table.md").read_text()  # the tune run is left out
     assert make_all(tmp_path / "nothing", tmp_path / "fig2") == []
+
+
+def test_table_lists_the_lr_each_rule_and_eps_used():
+    runs = [dict(r, lr=0.2 if r["dp_epsilon"] is None else 0.05) for r in RUNS]
+    runs.append(dict(_rec("ffa", 1.0, 3, 0.6), config={"lr": 0.1}))  # lr found in the config too
+    md = dp_table(runs, "t")
+    lr_part = md.split("**Learning rate used**")[1].split("**Paired")[0]
+    assert "| fedavg | 0.05 | 0.2 |" in lr_part and "| ffa | 0.05, 0.1 | — |" in lr_part

@@ -259,3 +259,30 @@ def test_make_all_keeps_scaling_out_of_the_main_figures(tmp_path):
             "clients" in line]
     assert rows == ["5 clients iid", "20 clients iid", "5 clients Dir(0.5)", "20 clients Dir(0.5)"]
     assert "0.500" not in (tmp_path / "fig" / "mnist_scaling_table.md").read_text()  # the tuning run is out
+
+
+def test_tuning_table_shows_every_lr_tried_bolds_the_chosen_and_flags_an_edge():
+    table = {"0.05": dict(mean_val_accuracy=0.80), "0.1": dict(mean_val_accuracy=0.85),
+             "0.2": dict(mean_val_accuracy=0.83)}
+    edge = {"0.05": dict(mean_val_accuracy=0.60), "0.1": dict(mean_val_accuracy=0.70)}
+    runs = [dict(_toy("fedavg", s, 0.8, lr=0.1), tune_val_accuracy=table, tune_seeds=[100, 101, 102],
+                 lr_tuned_on="this setting") for s in range(3)]
+    runs += [dict(_toy("ffa", 0, 0.4, lr=0.1, setting="5x2 labels"), tune_val_accuracy=edge, tune_seeds=[100],
+                  lr_tuned_on="10x1_labels")]
+    text = mnist.tuning_table(runs)
+    rows = [line for line in text.splitlines() if line.startswith("| 10x1")]
+    assert len(rows) == 2  # one row per tuned cell, not per seed; the ffa row names where it was tuned
+    fedavg = next(r for r in rows if "| fedavg |" in r)
+    assert "0.05: 0.800 · **0.1: 0.850** · 0.2: 0.830" in fedavg and fedavg.endswith("| yes |")
+    assert next(r for r in rows if "| ffa |" in r).endswith("| no (edge) |")
+    assert mnist.tuning_table([_toy("fedavg", 0, 0.8)]) == ""  # untuned (fixed-lr) runs: no table
+
+
+def test_make_all_leaves_the_dp_sweep_to_figures_dp(tmp_path):
+    root = tmp_path / "mnist_toy"
+    root.mkdir()
+    runs = [dict(_toy("fedavg", s, 0.8 - 0.1 * (e is not None), sweep="dp"), dp_epsilon=e)
+            for s in range(2) for e in (None, 1.0)]  # two ε share a setting name: they must not be pooled
+    for i, r in enumerate(runs):
+        (root / f"{i}.json").write_text(json.dumps(r))
+    assert not any("dp" in p.name for p in mnist.make_all(tmp_path, tmp_path / "fig"))

@@ -109,6 +109,10 @@ def test_fixed_budget_sweep_tunes_on_one_partition_and_reuses_the_lr(mnist, tmp_
         assert rec["config"]["eval_every"] == max(1, rec["rounds_done"] // 2)
         assert rec["lr_tuned_on"] == ("this setting" if rec["partition"] == "dirichlet" else f"dirichlet_c{k}")
         assert {"mean_val_accuracy", "val_accuracy"} <= set(next(iter(rec["tune_val_accuracy"].values())))
+    for p in root.rglob("tune/*.json"):  # tuning needs only the final validation accuracy
+        rec = json.loads(p.read_text())
+        assert rec["config"]["eval_every"] == rec["rounds_done"]
+        assert [e["round"] for e in rec["rounds"] if "val_accuracy" in e] == [rec["rounds_done"] - 1]
     n = len(list(root.rglob("*.json")))
     run_sweep(sw, out=tmp_path, data=mnist)  # resumable: nothing new
     assert len(list(root.rglob("*.json"))) == n
