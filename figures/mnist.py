@@ -200,22 +200,24 @@ def final_tail(r: dict, fraction: float = 0.1) -> float:
 
 SUMMARY_NOTE = ("Test accuracy over seeds: mean ± sample std (ddof = 1). 95% ± = half-width of the 95% t-interval "
                 "for the mean, t(0.975, n−1)·s/√n. Last 10% = each seed's mean test accuracy over its last "
-                "⌈0.1·R⌉ rounds (R rounds in the run; evaluated rounds only), then mean ± sample std over seeds.")
+                "⌈0.1·R⌉ rounds (R rounds in the run; evaluated rounds only), then mean ± sample std over seeds. "
+                "Worst seed = the lowest final test accuracy of the cell (a seed that collapsed shows here).")
 
 
 def summary_table(runs: list[dict]) -> str:
     """Markdown, one row per (setting, local work, rank, method): final-round test accuracy mean ±
-    sample std (ddof = 1), the 95% t half-width, the last-10%-of-rounds mean ± std, seeds."""
+    sample std (ddof = 1), the 95% t half-width, the last-10%-of-rounds mean ± std, seeds, the worst seed."""
     g = _groups(runs, "setting", "local_work", "rank", "method")
     lines = [SUMMARY_NOTE, "",
              "| setting | local work | rank | method | lr | final test acc. (mean ± std) | 95% ± | "
-             "last 10% of rounds (mean ± std) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "last 10% of rounds (mean ± std) | seeds | worst seed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(g, key=_cell_sort(runs)):
         mean, sd, half, n = summary(r["final_test_accuracy"] for r in g[k])
         lrs = sorted({r["lr"] for r in g[k]})
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {', '.join(f'{x:g}' for x in lrs)} | "
-                     f"{mean:.3f} ± {_num(sd)} | {_num(half)} | {_mean_std(final_tail(r) for r in g[k])} | {n} |")
+                     f"{mean:.3f} ± {_num(sd)} | {_num(half)} | {_mean_std(final_tail(r) for r in g[k])} | {n} | "
+                     f"{min(r['final_test_accuracy'] for r in g[k]):.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -117,6 +117,7 @@ def test_summary_table_sample_std_interval_and_last_tenth():
     assert cells[6] == f"{2.776 * math.sqrt(0.001) / math.sqrt(5):.3f}" == "0.039"
     assert cells[7] == "0.790 ± 0.032"  # per seed (f − 0.1 + f)/2 = f − 0.05, then over seeds
     assert cells[8] == "5"
+    assert cells[9] == "0.800"  # the worst seed
     assert "ddof = 1" in table
 
 
