@@ -126,9 +126,11 @@ PRESETS = {
     # (expected) batch 16 = 4,800 rows, one pass over the 4,800 training rows; 2 local steps, 50 rounds:
     # each client takes 100 DP steps at q = 16 / 1,600 (σ ≈ 0.50 / 0.71 / 1.08 for ε = 8 / 3 / 1). A DP
     # step costs ≈1.7× a plain one here (Poisson batches are not length-grouped), so the ≈80 runs (36 eval,
-    # ≥36 tuning) take ≈1 hour on 2 workers; fedex and flexlora would add ≈2/3 more. Under DP the best lr
-    # sat at 3.2e-2, the default extension's top, in 8 of 9 cells: the grid goes on, ×2, up to 0.256.
-    "dp": Sweep(name="dp", methods=("fedavg", "ffa", "rolora"), clients=(3,), partitions=("iid",), ranks=(8,),
+    # ≥36 tuning) of fedavg / ffa / rolora take ≈1 hour on 2 workers; fedex and flexlora add ≈2/3 more.
+    # Under DP the best lr sat at 3.2e-2, the default extension's top, in 8 of 9 cells: the grid goes on,
+    # ×2, up to 0.256.
+    "dp": Sweep(name="dp", methods=("fedavg", "ffa", "rolora", "fedex", "flexlora"), clients=(3,),
+                partitions=("iid",), ranks=(8,),
                 epsilons=(None, 8.0, 3.0, 1.0), total_steps=300, local_steps=2, tune_cell=(3, "iid"),
                 lr_extend=(1e-3, 5e-4, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1, 2.56e-1), centralised=False,
                 base=dict(layers=[5], batch_size=16, train_subset=4800, val_fraction=0.05, test_subset=1000,
