@@ -175,5 +175,6 @@ def test_a_privacy_axis_gets_its_own_folders_tuning_and_records(table, tmp_path,
 
     assert main(["sweep", "--preset", "dp", "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "36 eval runs" in out and "rolora       iid   3 clients r8   ε=1: 50 rounds × 2 steps" in out
+    assert "60 eval runs" in out and "rolora       iid   3 clients r8   ε=1: 50 rounds × 2 steps" in out
+    assert "flexlora       iid   3 clients r8   ε=8" in out  # fedex and flexlora joined the preset
     assert "fedavg       iid   3 clients r8 no DP" in out
