@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .factors import DenseBase, LowRank
 
-__all__ = ["weighted_sum", "factored_svd", "dense_svd", "compress", "compute_dtype", "merge_into_base"]
+__all__ = ["weighted_sum", "factored_svd", "dense_svd", "compress", "compute_dtype", "merge_into_base", "frobenius_norm"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,3 +84,30 @@ def merge_into_base(base: Optional[LowRank | DenseBase], delta: LowRank, *,
     if U.shape[1] * (m + n) >= m * n:
         return DenseBase(M=U @ V)  # (m, n)
     return LowRank(U=U, V=V)
+
+
+def frobenius_norm(lowrank: Sequence[tuple[Tensor, Tensor]], dense: Sequence[Tensor] = (), *,
+                   shape: tuple[int, int]) -> float:
+    """``‖Σ_i U_i V_i + Σ_j D_j‖_F`` for low-rank terms ``U_i`` (m × q_i), ``V_i`` (q_i × n) and dense
+    ``m × n`` terms, in float64.
+
+    With ``U = [U_1 … U_L]`` and ``V = [V_1; …; V_L]``: ``‖U V‖_F² = tr(Uᵀ U V Vᵀ) = Σ (UᵀU) ∘ (V Vᵀ)``,
+    O((m + n) q²) for q = Σ q_i, never forming the m × n sum. When dense terms are present, or the
+    factors hold at least as many numbers as the matrix (q (m + n) ≥ m n), the sum is formed instead:
+    it is then the smaller object.
+    """
+    m, n = shape
+    q = sum(U.shape[1] for U, _ in lowrank)
+    if not lowrank and not dense:
+        return 0.0
+    if dense or q * (m + n) >= m * n:
+        M = torch.zeros(m, n, dtype=torch.float64)
+        for D in dense:
+            M.add_(D.to(torch.float64))
+        for U, V in lowrank:
+            M.addmm_(U.to(torch.float64), V.to(torch.float64))
+        return float(torch.linalg.matrix_norm(M))
+    U = torch.cat([U.to(torch.float64) for U, _ in lowrank], dim=1)  # (m, q)
+    V = torch.cat([V.to(torch.float64) for _, V in lowrank], dim=0)  # (q, n)
+    sq = float(((U.T @ U) * (V @ V.T)).sum())  # ‖U V‖_F²; ≥ 0 up to rounding
+    return max(sq, 0.0) ** 0.5

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .aggregators import Aggregated, RoundContext, Rule, aggregate, get_rule
+from .averaging_error import ErrorTracker
 from .checkpoint import load_checkpoint, save_checkpoint
 from .comm import RoundComm
 from .config import ConfigError, FedConfig
@@ -168,8 +169,11 @@ class RoundServer:
     """
 
     def __init__(self, rule: Rule, state: State, cfg: FedConfig, t: int, on_bad_update: str,
-                 client_ranks, client_scales, fold: bool):
+                 client_ranks, client_scales, fold: bool, track_error: bool = True):
         self.rule, self.state, self.cfg, self.t = rule, state, cfg, t
+        # the round's averaging error (fedlora.averaging_error), in the history as "averaging_error"
+        self.errors: Optional[ErrorTracker] = ErrorTracker() if track_error else None
+        self.averaging_error: Optional[dict] = None
         self.trains, self.on_bad, self.fold = rule.trains(t), on_bad_update, fold
         self.client_ranks, self.client_scales = client_ranks, client_scales
         self.kept: list[int] = []  # client ids, in arrival order
@@ -203,6 +207,8 @@ class RoundServer:
                 err.client = client
             self._reject(err)
             return False
+        if self.errors is not None:
+            self.errors.add(client, w, self.state, ups)
         if self.fold:
             for name, u in ups.items():
                 fields = {"dense": u} if isinstance(u, Tensor) else u.fields()
@@ -225,8 +231,14 @@ class RoundServer:
         if not self.kept:
             raise UpdateError(f"round {self.t}: no client update was accepted "
                               f"({len(self.rejected)} rejected); the global state is unchanged")
-        if self.fold:
-            return self._finish_folded()
+        new, aggs = self._finish_folded() if self.fold else self._finish_all()
+        if self.errors is not None:
+            ranks, scales = self._ctx().client_ranks, self._ctx().client_scales
+            self.averaging_error = self.errors.finish(self.rule, self.state, new, self.kept, self.weights,
+                                                      ranks=ranks, scales=scales)
+        return new, aggs
+
+    def _finish_all(self) -> tuple[dict, dict]:
         while True:
             try:
                 return self._aggregate_all()
@@ -234,6 +246,8 @@ class RoundServer:
                 if self.on_bad == "raise" or err.client is None or err.client not in self.kept or len(self.kept) == 1:
                     raise
                 self._reject(err)
+                if self.errors is not None:
+                    self.errors.drop(err.client)
                 i = self.kept.index(err.client)
                 for lst in (self.kept, self.weights, self.metrics, self.uploads):
                     lst.pop(i)
@@ -286,7 +300,8 @@ def run_federated(cfg: FedConfig, *, init: State,
                   on_bad_update: str = "raise", stop_after: Optional[int] = None,
                   local_optimizers: Sequence[str] = ("default",),
                   progress: bool = True, run_info: Optional[Mapping] = None,
-                  on_round_start: Optional[Callable[[int, State], None]] = None) -> RunResult:
+                  on_round_start: Optional[Callable[[int, State], None]] = None,
+                  averaging_error: bool = True) -> RunResult:
     """Run ``cfg.rounds`` rounds of ``cfg.rule`` from ``init``.
 
     ``local_train_batch``, when given, trains all clients of a round in one call (vectorised tiers);
@@ -299,6 +314,9 @@ def run_federated(cfg: FedConfig, *, init: State,
     plain SGD/AdamW by mistake — the silent failure of a published GaLore baseline.
     ``on_round_start(t, state)`` is called before the round's first client (a tier merges the new
     frozen-weight corrections into its model there, once per round).
+    ``averaging_error`` records each round's averaging error (``fedlora.averaging_error``: the server's
+    new global against the average of the clients' trained adapters) in the history; it keeps every
+    client's low-rank factors of the round (and one float64 m × n sum for the full-weight rules).
     """
     if on_bad_update not in ("raise", "drop"):
         raise ConfigError(f"on_bad_update={on_bad_update!r}; use 'raise' or 'drop'")
@@ -336,7 +354,7 @@ def run_federated(cfg: FedConfig, *, init: State,
 
         batched = local_train_batch is not None and not rule.chain
         server = RoundServer(rule, state, cfg, t, on_bad_update, client_ranks, client_scales,
-                             fold=rule.linear and not batched)
+                             fold=rule.linear and not batched, track_error=averaging_error)
         for c, res in _train(clients, task_of, local_train, local_train_batch if batched else None,
                              chain=rule.chain, trains=trains):
             if server.add(c, res) and res.local:
@@ -373,7 +391,8 @@ def round_record(rule: Rule, server: RoundServer, aggs: Mapping, *,
     p = torch.tensor(server.weights, dtype=torch.float64)
     p = p / p.sum() if float(p.sum()) > 0 else p
     return {"round": server.t, "clients": list(server.kept), "trains": server.trains,
-            "train": _weighted_metrics(server.metrics, p), "rejected": server.rejected, **comm.as_dict()}
+            "train": _weighted_metrics(server.metrics, p), "rejected": server.rejected,
+            "averaging_error": server.averaging_error, **comm.as_dict()}
 
 
 def save_round(directory: Path, cfg: FedConfig, *, state: State, round_done: int, history: list,

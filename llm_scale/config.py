@@ -98,6 +98,9 @@ class LLMConfig:
             bad(f"task={self.task!r} needs data_path (a file); e.g. --data-path my.csv")
         if self.head not in ("federated", "local", "frozen"):
             bad(f"head={self.head!r}; use 'federated', 'local' or 'frozen'")
+        if self.method == "head-only" and (self.head == "frozen" or self.kind != "classification"):
+            bad("method='head-only' trains only the classification head: it needs kind='classification' and "
+                "head='federated' (or 'local'); with a frozen head (or none) nothing would train")
         if self.partition not in ("iid", "dirichlet", "shards"):
             bad(f"partition={self.partition!r}; use iid, dirichlet or shards")
         if self.optimizer not in ("sgd", "adamw"):

@@ -104,7 +104,7 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "rounds": [{"round": h["round"], "trains": h["trains"], "clients": h["clients"],
                     "train_loss": h["train"].get("train_loss"), **h.get("eval", {}),
                     "uplink_bytes": h["uplink_bytes"], "downlink_bytes": h["downlink_bytes"],
-                    "rejected": h["rejected"]} for h in hist],
+                    "rejected": h["rejected"], "averaging_error": h.get("averaging_error")} for h in hist],
         "total_uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),
         "total_downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
         "uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),  # the whole run, all clients

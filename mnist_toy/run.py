@@ -93,7 +93,8 @@ def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = N
         "config": dataclasses.asdict(cfg), "partition_summary": toy.partition, "data_source": data.source,
         "rounds": [{"round": h["round"], "trains": h["trains"], "train_loss": h["train"].get("train_loss"),
                     **({k2: v for k2, v in h["eval"].items()} if "eval" in h else {}),
-                    "uplink_bytes": h["total_uplink_bytes"], "downlink_bytes": h["total_downlink_bytes"]}
+                    "uplink_bytes": h["total_uplink_bytes"], "downlink_bytes": h["total_downlink_bytes"],
+                    "averaging_error": h.get("averaging_error")}
                    for h in hist],
         "total_uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),
         "total_downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),

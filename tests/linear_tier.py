@@ -40,9 +40,9 @@ def make_local_train(data, steps: int = 3, lr: float = 0.05, batch: int = 8):
             A = start.lora.A.clone().requires_grad_("A" in task.trains)
             B = start.lora.B.clone().requires_grad_("B" in task.trains)
             params = [p for p in (A, B) if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=lr)
+        opt = torch.optim.SGD(params, lr=lr) if params else None  # head-only: nothing here to train
         loss = torch.tensor(0.0)
-        for _ in range(steps):
+        for _ in range(steps if opt is not None else 0):
             idx = torch.randint(0, X.shape[0], (batch,), generator=g)
             Weff = W if task.trains == "W" else base + start.lora.scale * B @ A  # (M, N)
             loss = 0.5 * ((X[idx] @ Weff.T - Y[idx]) ** 2).sum(1).mean()

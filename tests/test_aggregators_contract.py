@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fedlora import aggregate, get_rule, rule_names
+from fedlora import ClientUpdate, UpdateError, aggregate, get_rule, rule_names
 from fedlora.aggregators.reference import weighted_product_dense
 
 from rule_cases import client_factors, identical_clients, make_case
@@ -20,8 +20,29 @@ def _close(a, b, rtol=1e-9):
 
 
 def test_registry_lists_every_spec_rule():
-    for name in ["fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full", "full-galore"]:
+    for name in ["fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full", "full-galore",
+                 "fedavg-chain", "ffa-chain", "head-only"]:
         assert name in ALL
+
+
+@pytest.mark.parametrize("name,base", [("rolora-chain", "rolora"), ("fedavg-chain", "fedavg"), ("ffa-chain", "ffa")])
+def test_each_chained_control_is_its_rule_with_the_chain(name, base):
+    """Same server math and schedule as the base rule; only the loop's chaining differs."""
+    chained, plain = get_rule(name), get_rule(base)
+    assert chained.chain and not plain.chain
+    assert chained.aggregate is plain.aggregate and chained.exact == plain.exact and chained.linear == plain.linear
+    assert [chained.trains(t) for t in range(6)] == [plain.trains(t) for t in range(6)]
+
+
+def test_head_only_trains_no_factor_and_keeps_the_adapter():
+    rule = get_rule("head-only")
+    case = make_case("head-only", m=7, n=5, r=3, K=4, seed=2)
+    assert rule.trains(0) == rule.trains(1) == "" and all(not u.fields() for u in case.updates)
+    out = aggregate("head-only", case.state, case.updates, case.weights)
+    assert out.state.lora is case.state.lora and out.broadcast_bytes() == 0
+    sneaky = ClientUpdate(B=torch.zeros(7, 3, dtype=torch.float64), scale=case.updates[0].scale)
+    with pytest.raises(UpdateError, match="trains \\[\\]"):  # a client that sends a factor is refused by name
+        aggregate("head-only", case.state, [sneaky] + case.updates[1:], case.weights)
 
 
 def test_registry_refuses_duplicates():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fedlora.loop as loop_mod
-from fedlora import DenseBase, GlobalMatrix, LoRAFactors, LowRank, UpdateError, aggregate, rule_names
+from fedlora import DenseBase, GlobalMatrix, LoRAFactors, LowRank, UpdateError, aggregate, get_rule, rule_names
 from fedlora.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.config import FedConfig
 from fedlora.factors import ClientUpdate, init_lora
@@ -38,7 +38,7 @@ def _ranks(rule):
     return dict(client_ranks=[2, 1, 2, 1], client_scales=[1.0] * 4) if rule in ("flexlora", "flora") else {}
 
 
-@pytest.mark.parametrize("rule", [r for r in rule_names() if r not in ("full-galore", "rolora-chain")])
+@pytest.mark.parametrize("rule", [r for r in rule_names() if r != "full-galore" and not get_rule(r).chain])
 def test_dense_parameters_are_averaged_by_sample_count_under_every_rule(rule):
     init, train = _with_head(rule, make_local_train(DATA))
     res = run_federated(_cfg(rule, rounds=2), init=init, local_train=train, progress=False, **_ranks(rule))
@@ -50,10 +50,11 @@ def test_dense_parameters_are_averaged_by_sample_count_under_every_rule(rule):
     assert all(b >= head_bytes for b in h["uplink_bytes"].values())
 
 
-def test_rolora_chain_chains_the_dense_parameters_too():
+@pytest.mark.parametrize("rule", [r for r in rule_names() if get_rule(r).chain])
+def test_chained_rules_chain_the_dense_parameters_too(rule):
     """The released code's shared model carries the head from client to client as well."""
-    init, train = _with_head("rolora-chain", make_local_train(DATA))
-    res = run_federated(_cfg("rolora-chain", rounds=1), init=init, local_train=train, progress=False)
+    init, train = _with_head(rule, make_local_train(DATA))
+    res = run_federated(_cfg(rule, rounds=1), init=init, local_train=train, progress=False)
     n = torch.tensor([float(X.shape[0]) for X, _ in DATA], dtype=torch.float64)
     chained = 0.1 * torch.cumsum(torch.arange(1, 5, dtype=torch.float64), 0)  # client k ends at Σ_{j≤k} 0.1 (j + 1)
     torch.testing.assert_close(res.state["head"], torch.full(HEAD, float((n / n.sum() * chained).sum()),

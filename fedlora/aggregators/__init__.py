@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 from ..factors import ClientUpdate, GlobalMatrix
 from ..validation import normalize_weights, validate_result, validate_updates
 from . import fedavg as _fedavg, ffa as _ffa, rolora as _rolora, fedex as _fedex  # noqa: F401  (register)
-from . import flexlora as _flexlora, flora as _flora, full as _full  # noqa: F401
+from . import flexlora as _flexlora, flora as _flora, full as _full, head_only as _head_only  # noqa: F401
 from .registry import RULES, Aggregated, RoundContext, Rule, get_rule, register, rule_names
 
 __all__ = ["RULES", "Aggregated", "RoundContext", "Rule", "get_rule", "register", "rule_names", "aggregate"]

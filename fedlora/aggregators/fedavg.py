@@ -24,3 +24,7 @@ def fedavg(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx:
 
 register(Rule(name="fedavg", linear=True, aggregate=fedavg, trains=lambda t: "AB", exact=False,
               paper="Zhang et al. 2024, FedIT (arXiv:2305.05644)"))
+# The released RoLoRA code's shared model object chains every rule it runs, FedAvg-LoRA included:
+# client k starts from client k-1's trained factors. The chained control of fedavg (same server math).
+register(Rule(name="fedavg-chain", linear=True, aggregate=fedavg, trains=lambda t: "AB", exact=False, chain=True,
+              paper="control: fedavg with the released RoLoRA code's chain of clients"))

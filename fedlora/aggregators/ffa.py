@@ -22,3 +22,6 @@ def ffa(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx: Ro
 
 register(Rule(name="ffa", linear=True, aggregate=ffa, trains=lambda t: "B", exact=True,
               paper="Sun et al. 2024, FFA-LoRA (arXiv:2403.12313)"))
+# The chained control of ffa: client k starts from client k-1's trained B (A stays at the shared init).
+register(Rule(name="ffa-chain", linear=True, aggregate=ffa, trains=lambda t: "B", exact=True, chain=True,
+              paper="control: ffa with the released RoLoRA code's chain of clients"))
