@@ -305,7 +305,7 @@ def run_federated(cfg: FedConfig, *, init: State,
     """Run ``cfg.rounds`` rounds of ``cfg.rule`` from ``init``.
 
     ``local_train_batch``, when given, trains all clients of a round in one call (vectorised tiers);
-    it is not used for chained rules. Otherwise clients run one after another, each view made when
+    chained rules call it with one client at a time (each client needs the previous one's result). Otherwise clients run one after another, each view made when
     that client starts. ``on_bad_update="drop"`` rejects a malformed client (recorded in the round's
     history) instead of stopping the run; the global never sees it either way.
     ``stop_after`` ends the run after that many rounds in this call (to simulate an interruption).
@@ -355,8 +355,9 @@ def run_federated(cfg: FedConfig, *, init: State,
         batched = local_train_batch is not None and not rule.chain
         server = RoundServer(rule, state, cfg, t, on_bad_update, client_ranks, client_scales,
                              fold=rule.linear and not batched, track_error=averaging_error)
-        for c, res in _train(clients, task_of, local_train, local_train_batch if batched else None,
-                             chain=rule.chain, trains=trains):
+        one = (lambda task: local_train_batch([task])[0]) if local_train_batch is not None else local_train
+        for c, res in _train(clients, task_of, one if rule.chain else local_train,
+                             local_train_batch if batched else None, chain=rule.chain, trains=trains):
             if server.add(c, res) and res.local:
                 client_state[c] = dict(res.local)
         state, aggs = server.finish()

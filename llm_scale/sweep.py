@@ -105,13 +105,29 @@ class Sweep:
                             yield method, clients, partition, rank, eps
 
 
+# The scaling study's model, data and budget (MiniLM, LoRA on the top block, 4,800 training tweets).
+_SCALING_BASE = dict(layers=[5], batch_size=8, train_subset=4800, val_fraction=0.05, test_subset=1000, split_seed=0)
+
 PRESETS = {
     # The study (issue 8): MiniLM on the tweets, LoRA on query/value of the top block only, so blocks
     # 0-4 come from the frozen-layer cache; 600 client-steps of batch 8 in every run = 4,800 training
     # rows each seen once; 2 local steps, so 100 / 15 / 6 rounds for 3 / 20 / 50 clients (the paper's
     # 500 / 75 / 30 scaled by 1/5 for 3 and 20, and 6 for 50). README: "LLM client-scaling study".
-    "scaling": Sweep(name="scaling", base=dict(layers=[5], batch_size=8, train_subset=4800, val_fraction=0.05,
-                                               test_subset=1000, split_seed=0)),
+    "scaling": Sweep(name="scaling", base=_SCALING_BASE),
+    # The controls of the scaling verdict (issue 20), on the scaling study's own cells, budget and tuning:
+    # the released RoLoRA code's chain applied to FedAvg-LoRA and FFA-LoRA (is the chain, not the
+    # alternation, what holds up with many clients?) and the head-only baseline (the adapters stay at their
+    # init; how much of the accuracy, and of the 3 → 50 drop, is the classifier head's?). Rank 2, 3 seeds;
+    # 54 eval + ≈15 tuning runs, ≈65 s each here (≈1.2 h on 2 workers). Pooled with `scaling` in the tables.
+    "controls": Sweep(name="scaling_controls", methods=("fedavg-chain", "ffa-chain", "head-only"), ranks=(2,),
+                      centralised=False, base=_SCALING_BASE),
+    # The opposite arm: the classification head frozen at its seeded random init from round 0, so the
+    # adapters do all the work -- what the released RoLoRA supplement is reported to do (SPEC). FedAvg-LoRA,
+    # FFA-LoRA, RoLoRA and the three chained rules, IID, rank 2, tuned at 20 clients like `scaling`;
+    # 54 eval + ≈30 tuning runs (≈1.5 h on 2 workers).
+    "frozen-head": Sweep(name="frozen_head", methods=("fedavg", "ffa", "rolora", "fedavg-chain", "ffa-chain",
+                                                      "rolora-chain"), partitions=("iid",), ranks=(2,),
+                         centralised=False, base={**_SCALING_BASE, "head": "frozen"}),
     # The causal path on a real Llama-architecture model, a smaller study: SmolLM2-135M scoring the label
     # words, LoRA on q/v of the top block (blocks 0-28 from the causal cache), IID, rank 2; 240 client-steps
     # of batch 4 = 960 rows each seen once; 40 / 6 rounds for 3 / 20 clients.

@@ -32,6 +32,9 @@ __all__ = ["Sweep", "Setting", "Work", "PRESETS", "run_sweep", "MAIN_METHODS", "
 
 MAIN_METHODS = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
 SCALING_METHODS = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "full")
+# every rule the toy runs, and the released RoLoRA code's chain applied to each rule it runs (issue 20)
+PAPER_SCALING_METHODS = ("fedavg", "ffa", "rolora", "fedex", "flexlora", "flora", "full",
+                         "fedavg-chain", "ffa-chain", "rolora-chain")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Sweep:
     evals_per_run: Optional[int] = None  # evaluate every max(1, rounds // this) rounds (None: every round)
     centralised: bool = True
     centralised_clients: int = 10  # centralised does the work of this many clients per round
+    centralised_partition: str = "labels"  # how that budget's clients are counted (labels needs 10 | clients)
+    axis_clients: Optional[int] = None  # set: works after the first run only at this many clients (an axis)
     base: dict = dataclasses.field(default_factory=dict)  # extra ToyConfig fields for every run
 
     def __post_init__(self) -> None:
@@ -120,6 +125,9 @@ class Sweep:
         for rank in self.ranks:
             for setting in settings:
                 for work in self.works:
+                    if self.axis_clients is not None and work != self.works[0] and \
+                            (setting is None or setting.clients != self.axis_clients):
+                        continue
                     for method in (self.methods if setting is not None else (CENTRALISED,)):
                         yield work, setting, method, rank
 
@@ -156,6 +164,21 @@ PRESETS = {
                      settings=tuple(Setting(k, p) for p in ("dirichlet", "iid") for k in (5, 10, 20, 50, 100)),
                      works=(Work(10, 0, 0),), total_client_steps=10_000, ranks=(8,), seeds=(0, 1, 2, 3, 4),
                      **_TUNED, tune_setting_only=None, tune_partition="dirichlet", evals_per_run=20),
+    # RoLoRA's Table 2 schedule on the toy (issue 20): 3 / 20 / 50 clients × 20 local steps × 500 / 75 / 30
+    # rounds = 30,000 client-steps of batch 64 in every run (≈ 35 passes over the 55,000 training images),
+    # IID shards and Dirichlet(0.5) label skew, rank 8, every rule and the chained control of each rule
+    # the released code runs (fedavg-chain, ffa-chain, rolora-chain), centralised with the same steps
+    # (3 clients' work a round). A local-work axis at 50 clients, the budget fixed: 2 / 5 / 20 local
+    # steps (300 / 120 / 30 rounds). Tuned as `scaling`: per (rule, clients, local work) on the Dirichlet
+    # split, mean validation accuracy over 3 tuning seeds, ×2 grid grown to an interior best; reused for IID.
+    # Cost here (one thread): ≈10 s a run for the batched rules, ≈15–20 s for the chained ones (clients one
+    # after another); 10 rules × 10 (clients, work) cells × (5 eval + ≈12 tuning runs) ≈ 5 CPU-hours.
+    "paper-scaling": Sweep(name="paper_scaling", methods=PAPER_SCALING_METHODS,
+                           settings=tuple(Setting(k, p) for p in ("dirichlet", "iid") for k in (3, 20, 50)),
+                           works=(Work(20, 0, 0), Work(5, 0, 0), Work(2, 0, 0)), axis_clients=50,
+                           total_client_steps=30_000, ranks=(8,), seeds=(0, 1, 2, 3, 4), centralised_clients=3,
+                           centralised_partition="iid",
+                           **_TUNED, tune_setting_only=None, tune_partition="dirichlet", evals_per_run=20),
     # DP-SGD per client (fedlora.dp) at the main setting (10 × 1 label, 20 steps × 100 rounds, rank 8):
     # ε ∈ {∞ (no DP), 8, 3, 1} at δ = 1e-5 over each client's 2,000 steps, clipping norm C = 1, Poisson
     # batches of 64 on average; the lr tuned per (rule, ε) on 3 tuning seeds, ×2 grid grown past its edges.
@@ -168,7 +191,7 @@ PRESETS = {
 
 def _cfg(sweep: Sweep, work: Work, setting: Optional[Setting], method: str, rank: int, *, lr: float,
          seed: int) -> ToyConfig:
-    st = setting if setting is not None else Setting(sweep.centralised_clients)  # centralised: that budget
+    st = setting if setting is not None else Setting(sweep.centralised_clients, sweep.centralised_partition)
     rounds = sweep.rounds(work, st.clients)
     every = {"eval_every": max(1, rounds // sweep.evals_per_run)} if sweep.evals_per_run else {}
     return ToyConfig(method=method, partition=st.partition, clients=st.clients, labels_per_client=st.labels_per_client,
