@@ -1,42 +1,46 @@
-"""The ServerApp: ``FedLoraStrategy`` on the toy's initial state, evaluated on the server's test split."""
+"""The ServerApp: ``FedLoraStrategy`` on the toy's initial state, evaluated on the server's test split.
+
+One JSON line per round as it ends; the results folder's absolute path at the end. A run that fails
+(bad run config, no node, every round skipped) raises, so Flower records it as failed (``flwr ls``).
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import save_file
 
-from fedlora.checkpoint import atomic_write_json, state_to_tensors
 from fedlora.flower import FedLoraStrategy
+from fedlora.flower.report import print_line, resumed_line, round_line, write_results
+from fedlora.flower.strategy import RunFailed
 from mnist_toy.model import evaluate, init_state
 
-from .task import fed, toy, toy_config
+from .task import fed, run_config, toy, toy_config
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    rc = context.run_config
-    cfg = toy_config(rc)
+    rc = run_config(context.run_config)
+    cfg = toy_config(context.run_config)
     data = toy(cfg)
     k = cfg.clients
+    ckpt = Path(rc["checkpoint-dir"]).expanduser().resolve() if rc["checkpoint-dir"] else None
     strategy = FedLoraStrategy(cfg=fed(cfg), init=init_state(cfg, data), evaluate=lambda t, state: evaluate(data, state),
                                client_ranks=[cfg.rank] * k, client_scales=[cfg.scale] * k,
-                               min_replies=int(rc["min-replies"]), round_timeout=float(rc["round-timeout"]),
-                               checkpoint_dir=Path(rc["checkpoint-dir"]) if rc["checkpoint-dir"] else None,
-                               resume=bool(rc["checkpoint-dir"]), run_info={"toy_config": dataclasses.asdict(cfg)})
+                               min_replies=rc["min-replies"], round_timeout=rc["round-timeout"],
+                               connect_timeout=rc["connect-timeout"], checkpoint_dir=ckpt, resume=ckpt is not None,
+                               run_info={"toy_config": dataclasses.asdict(cfg)},
+                               on_round=lambda record: print_line(round_line(record)))
+    if strategy.resumed_from is not None:
+        print_line(resumed_line(ckpt, strategy.resumed_from, cfg.rounds))
     res = strategy.run(grid)
-    for h in res.history:
-        print(json.dumps({k2: h[k2] for k2 in ("round", "clients", "trains", "eval", "total_uplink_bytes",
-                                               "total_downlink_bytes") if k2 in h}))
     if rc["out"]:
-        out = Path(rc["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        tensors, meta = state_to_tensors(res.state)
-        save_file(tensors, str(out / "state.safetensors"))
-        atomic_write_json(out / "history.json", {"history": res.history, "matrices": meta, "wire": strategy.wire,
-                                                 "toy_config": dataclasses.asdict(cfg)})
+        out = write_results(Path(rc["out"]), res.state, res.history,
+                            {"wire": strategy.wire, "toy_config": dataclasses.asdict(cfg)})
+        print_line(f"results: {out}")
+    why = strategy.failure()
+    if why:
+        raise RunFailed(why)
