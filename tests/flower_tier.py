@@ -75,3 +75,62 @@ def assert_same_state(a, b) -> None:
         if a[name].lora is not None:
             torch.testing.assert_close(a[name].lora.A, b[name].lora.A, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(a[name].lora.B, b[name].lora.B, rtol=1e-10, atol=1e-12)
+
+
+# --- an in-process grid: a Flower app's ServerApp and ClientApp in one process, without Ray ---------------
+class LocalGrid:
+    """A ``Grid`` that hands each message to a ClientApp in this process, one ``Context`` per node (its
+    ``node_config`` partition-id and the run config), as Flower's runtimes do; message ids are set on
+    push and replies answer them (``reply_to_message_id``). ``partitions`` maps node id -> partition-id
+    (``None``: a node started without --node-config). ``on_send(msgs)`` may replace replies: it returns
+    ``{message_id: reply}`` for the messages it answers itself (a fault), or ``None``."""
+
+    def __init__(self, client_app, partitions: dict, run_config: dict, *, on_send=None):
+        from flwr.app import Context, RecordDict
+
+        self.app, self.on_send, self.sent = client_app, on_send, []
+        self.contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config=dict(run_config),
+                                    node_config={} if k is None else {"partition-id": k, "num-partitions": len(partitions)})
+                         for n, k in partitions.items()}
+        self._ids = 0
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            self._ids += 1
+            m.metadata.__dict__["_message_id"] = f"m{self._ids}"
+        self.sent += messages
+        faults = (self.on_send(messages) if self.on_send else None) or {}
+        out = []
+        for m in messages:
+            if m.metadata.message_id in faults:
+                if faults[m.metadata.message_id] is not None:
+                    out.append(faults[m.metadata.message_id])
+                continue
+            out.append(self.app(m, self.contexts[m.metadata.dst_node_id]))
+        return out
+
+
+def set_task_identity() -> None:
+    """Messages built outside a Flower runtime need a run id (Flower reads it from ``TaskIdentity``)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def app_run_config(app_dir, overrides: dict) -> dict:
+    """The run config Flower gives an app: its pyproject's defaults with ``overrides``."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    return get_fused_config_from_dir(app_dir, overrides)
+
+
+def node_unavailable(msg):
+    """The reply the SuperLink itself sends when ``msg``'s node stopped its heartbeat: Flower's own code."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
