@@ -134,3 +134,35 @@ def node_unavailable(msg):
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
     return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+
+
+def simulate_app(app_dir, overrides: dict, num_supernodes: int) -> None:
+    """Run a Flower app as ``flwr run <app_dir> -c ...`` runs it in a simulation (Flower's simulation
+    runtime: the app's components loaded from ``app_dir``, the run config fused from its pyproject and
+    ``overrides``, every virtual node a Ray worker), without a SuperLink process. Raises what the
+    ServerApp raised."""
+    import os
+    from pathlib import Path
+
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.telemetry import EventType
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    run = Run.create_empty(run_id=4242)
+    run.primary_task_id, run.federation_id, run.override_config = 1, NOOP_FEDERATION_ID, dict(overrides)
+    set_task_identity()
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = run.run_id
+    ctx = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                  run_config=app_run_config(Path(app_dir), overrides))
+    import tomllib
+
+    parts = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+                    server_app_attr=parts["serverapp"], client_app_attr=parts["clientapp"], app_dir=str(app_dir), run=run, server_app_context=ctx, is_app=True,
+                    backend_config={"client_resources": {"num_cpus": 1},
+                                    "init_args": {"num_cpus": 1, "include_dashboard": False}})
