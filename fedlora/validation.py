@@ -4,6 +4,7 @@ Every error names the client and the problem, and says what to fix.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -54,7 +55,7 @@ def normalize_weights(weights, num_clients: int, *, client_ids: Optional[Sequenc
         raise UpdateError(f"weights={weights!r}; pass one number per client update (e.g. their sample counts)")
     try:
         w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    except (TypeError, ValueError, RuntimeError) as err:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # Overflow: an int beyond float64
         raise UpdateError(f"weights of type {type(weights).__name__} are not a sequence of numbers ({err}); "
                           "pass one number per client update (e.g. their sample counts)") from None
     if w.numel() != num_clients:
@@ -66,6 +67,9 @@ def normalize_weights(weights, num_clients: int, *, client_ids: Optional[Sequenc
             if w[k] < 0:
                 raise UpdateError(f"{_who(k, client_ids)} has a negative weight {float(w[k])}; weights must be >= 0")
     total = float(w.sum())
+    if total == float("inf"):  # finite weights whose sum overflows: scale them down first, p is unchanged
+        w = w / w.max()
+        total = float(w.sum())
     if total <= 0:
         raise UpdateError("all client weights are zero; at least one client must carry weight (e.g. its sample count)")
     return w / total
@@ -118,8 +122,7 @@ def _check_update(u, who: str, shape: tuple[int, int], want: set, g_rank: Option
         raise UpdateError(f"{who} sent {sorted(sent) or 'nothing'} but this round trains {sorted(want)}; "
                           f"send exactly the trained factors")
     scale = u.scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale or \
-            scale in (float("inf"), float("-inf")) or scale <= 0:
+    if not _is_scale(scale):
         raise UpdateError(f"{who}: scale {scale!r} is not a finite positive number; send the adapter's alpha/r")
     for field, t in u.fields().items():
         _check_tensor(t, f"{who}: {field}", dtype=dtype)
@@ -149,6 +152,16 @@ def _check_update(u, who: str, shape: tuple[int, int], want: set, g_rank: Option
         raise UpdateError(f"{who}: A has rank {u.A.shape[0]} but B has rank {u.B.shape[1]}")
     if g_scale is not None and u.scale != g_scale:
         raise UpdateError(f"{who}: scale {u.scale} differs from the global's {g_scale}; use one alpha/r")
+
+
+def _is_scale(scale) -> bool:
+    """A finite positive python number that a float can hold (``bool`` is not a scale)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return False
+    try:
+        return math.isfinite(scale) and scale > 0
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 def _check_tensor(t, what: str, *, dtype: Optional[torch.dtype] = None) -> None:
