@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= results
 
-.PHONY: venv reproduce test test-all bench bench-quick bench-llm figures clean-venv
+.PHONY: venv reproduce test test-all bench bench-quick bench-llm figures mutation clean-venv
 
 $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,14 @@ reproduce: $(STAMP)
 
 figures: $(STAMP)
 	$(BIN)/python -m figures --results $(OUT) --out $(OUT)/figures
+
+# Opt-in, not in CI: mutation testing of the core (SUITE=core|loop|all), mutmut installed on demand;
+# writes results/quality/mutation.json and results/quality/surviving.md (tools/mutation_report.py).
+SUITE   ?= all
+mutation: $(STAMP)
+	$(BIN)/python -c "import importlib.metadata as m; assert m.version('mutmut') == '3.8.1'" 2>/dev/null \
+		|| $(BIN)/pip install -q "mutmut==3.8.1"
+	OMP_NUM_THREADS=1 nice -n 15 $(BIN)/python tools/mutation_report.py --suite $(SUITE)
 
 clean-venv:
 	rm -rf $(VENV)
