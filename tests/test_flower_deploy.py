@@ -168,3 +168,80 @@ def test_a_localhost_deployment_gives_the_in_process_numbers(tmp_path):
     down = [w["down"] for w in rec["wire"]]  # a SuperNode keeps its view between rounds: round 2 sends B only
     assert all(down[1][c] < down[0][c] / 10 for c in down[1])
     print(f"localhost deployment: {wall:.1f} s wall for {RUN['rounds']} rounds on {NODES} SuperNodes")
+
+
+LLM_APP = REPO / "examples" / "flower-llm"
+
+
+def test_the_llm_app_finishes_without_a_node_killed_mid_round_and_says_why(tmp_path):
+    """SuperLink, three SuperNodes, the LLM app on a tiny RoBERTa for 3 rounds. As soon as round 0 is
+    checkpointed (round 1's tasks are going out), SuperNode 1 and its ClientApp are killed with SIGKILL.
+    Flower answers its task with "Node Unavailable" once the heartbeat lapses; the round ends with
+    clients 0 and 2, and the record says the node became unavailable (not "no reply within ...")."""
+    from test_llm_scale import word_table
+
+    bin_dir = Path(sys.executable).parent
+    home, out, ckpt = tmp_path / "flwr_home", tmp_path / "out", tmp_path / "ckpt"
+    home.mkdir()
+    table = word_table(tmp_path / "toy.csv")
+    link = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = {"config": "''", "model": "'tiny-roberta'", "task": "'table'", "data-path": f"'{table}'",
+           "rule": "'fedavg'", "clients": NODES, "rounds": 3, "rank": 4, "local-steps": 2, "lr": 5e-3, "seed": 1,
+           "test-subset": 0, "set": "\"batch_size=8; test_fraction=0.25; targets=['query', 'value']\"",
+           "round-timeout": 300.0, "out": f"'{out}'", "checkpoint-dir": f"'{ckpt}'"}
+    procs: list[subprocess.Popen] = []
+    logs = []
+
+    def start(args, log):
+        logs.append(open(tmp_path / log, "w"))
+        procs.append(subprocess.Popen(args, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True))
+        return procs[-1]
+
+    t0 = time.perf_counter()
+    killed_at = None
+    try:
+        superlink = start([bin_dir / "flower-superlink", "--insecure", "--port", str(link),
+                           "--disable-runtime-dependency-installation"], "superlink.log")
+        _wait_for_port(link, superlink)
+        nodes = [start([bin_dir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                        "--port", str(_free_port()), "--node-config", f"partition-id={k} num-partitions={NODES}"],
+                       f"supernode{k}.log") for k in range(NODES)]
+        subprocess.run([bin_dir / "flwr", "run", str(LLM_APP), "here", "-c", " ".join(f"{k}={v}" for k, v in run.items())],
+                       env=env, check=True, timeout=120, capture_output=True)
+        deadline = time.monotonic() + 900
+        while not (out / "history.json").exists():
+            assert time.monotonic() < deadline, "no result after 900 s; see the logs in " + str(tmp_path)
+            assert superlink.poll() is None, "the SuperLink died; logs in " + str(tmp_path)
+            if killed_at is None and (ckpt / "checkpoint.json").exists():
+                victims = _descendants(nodes[1].pid) + [nodes[1].pid]
+                for pid in victims:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed_at = time.perf_counter() - t0
+            time.sleep(0.5)
+        wall = time.perf_counter() - t0
+    finally:
+        _stop(procs)
+        for f in logs:
+            f.close()
+    assert all(p.poll() is not None for p in procs)
+    assert killed_at is not None
+
+    hist = json.loads((out / "history.json").read_text())["history"]
+    assert [h["round"] for h in hist] == [0, 1, 2]
+    assert json.loads((ckpt / "checkpoint.json").read_text())["round_done"] == 2
+    assert hist[0]["clients"] == [0, 1, 2] and hist[0]["rejected"] == []
+    assert hist[1]["clients"] == [0, 2]
+    (why,) = hist[1]["rejected"]
+    assert why["client"] == 1 and "unavailable" in why["error"].lower() and "no reply" not in why["error"]
+    assert hist[2]["clients"] == [0, 2] and [e["client"] for e in hist[2]["rejected"]] == [1]
+    assert all("eval" in h for h in hist)
+    print(f"LLM app, localhost: SuperNode 1 killed at {killed_at:.1f} s, run done at {wall:.1f} s; "
+          f"round 1: {why['error']}; round 2: {hist[2]['rejected'][0]['error']}")
