@@ -117,3 +117,71 @@ def test_merge_into_base_goes_dense_once_factors_are_larger():
     big = LowRank(U=_rnd(g, 10, 5), V=_rnd(g, 5, 10))  # 5 (10 + 10) >= 100
     out = merge_into_base(small, big)
     assert isinstance(out, DenseBase) and torch.allclose(out.dense(), small.dense() + big.dense(), atol=1e-10)
+
+
+def test_merge_into_base_recompresses_by_default():
+    g = torch.Generator().manual_seed(6)
+    R = LowRank(U=_rnd(g, 12, 2), V=_rnd(g, 2, 10))
+    out = merge_into_base(R, R)  # [U U][V; V] has rank 2, not 4
+    assert isinstance(out, LowRank) and out.rank == 2
+    assert torch.allclose(out.dense(), 2 * R.dense(), atol=1e-10)
+    kept = merge_into_base(R, R, recompress=False)
+    assert isinstance(kept, LowRank) and kept.rank == 4 and torch.allclose(kept.dense(), 2 * R.dense(), atol=1e-10)
+
+
+def test_merge_into_base_goes_dense_exactly_when_factors_hold_as_many_numbers():
+    g = torch.Generator().manual_seed(7)
+    m = n = 8  # q (m + n) >= m n  <=>  q >= 4
+    three = merge_into_base(None, LowRank(U=_rnd(g, m, 3), V=_rnd(g, 3, n)))
+    four = merge_into_base(None, LowRank(U=_rnd(g, m, 4), V=_rnd(g, 4, n)))
+    assert isinstance(three, LowRank) and isinstance(four, DenseBase)
+    dense = DenseBase(M=_rnd(g, m, n))
+    assert merge_into_base(dense, three).dense().allclose(dense.dense() + three.dense())
+
+
+@pytest.mark.parametrize("dtype,compute", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                           (torch.float32, torch.float32), (F64, F64)])
+def test_svds_compute_in_float32_or_float64(dtype, compute):
+    from fedlora.linalg import dense_svd
+    g = torch.Generator().manual_seed(8)
+    U, V = _rnd(g, 7, 3, dtype=dtype), _rnd(g, 3, 5, dtype=dtype)
+    L, S, Rt = factored_svd(U, V)
+    assert L.dtype == S.dtype == Rt.dtype == compute
+    u, s, vt = dense_svd(U @ V)
+    assert u.dtype == s.dtype == vt.dtype == compute
+    assert u.shape == (7, 5) and s.shape == (5,) and vt.shape == (5, 5)  # thin SVD
+    ref = (U @ V).to(compute)
+    assert torch.allclose((u * s) @ vt, ref, atol=1e-4 * float(ref.abs().max()))
+
+
+# --- the factored Frobenius norm ----------------------------------------------------------------------------
+
+def _norm_cases():
+    g = torch.Generator().manual_seed(9)
+    m, n = 12, 10
+    lr = [(_rnd(g, m, 2), _rnd(g, 2, n)), (_rnd(g, m, 1, dtype=torch.float32), _rnd(g, 1, n, dtype=torch.float32))]
+    big = [(_rnd(g, m, 6), _rnd(g, 6, n))]  # 6 (12 + 10) >= 120: the sum is formed
+    dense = [_rnd(g, m, n, dtype=torch.float32)]
+    return {"factored": (lr, ()), "single": (lr[:1], ()), "wide": (big, ()), "mixed": (lr, dense),
+            "dense-only": ([], dense), "cancel": ([lr[0], (-lr[0][0], lr[0][1])], ())}, (m, n)
+
+
+@pytest.mark.parametrize("which", ["factored", "single", "wide", "mixed", "dense-only", "cancel"])
+def test_frobenius_norm_is_the_norm_of_the_sum(which):
+    from fedlora.linalg import frobenius_norm
+    cases, shape = _norm_cases()
+    lowrank, dense = cases[which]
+    total = torch.zeros(shape, dtype=F64)
+    for U, V in lowrank:
+        total += U.double() @ V.double()
+    for D in dense:
+        total += D.double()
+    got = frobenius_norm(lowrank, dense, shape=shape)
+    assert isinstance(got, float)
+    assert got == pytest.approx(float(torch.linalg.matrix_norm(total)), rel=1e-9, abs=1e-6)
+
+
+def test_frobenius_norm_of_nothing_is_zero():
+    from fedlora.linalg import frobenius_norm
+    assert frobenius_norm([], shape=(3, 4)) == 0.0
+    assert frobenius_norm([], [torch.zeros(3, 4)], shape=(3, 4)) == 0.0

@@ -185,3 +185,129 @@ def test_downlink_bytes_of_fedex_carry_the_residual_factors():
     q = out.broadcast["residual_U"].shape[1]
     assert out.broadcast["residual_V"].shape == (q, N_) and q >= 1
     assert per_client == [(M_ * R_ + R_ * N_ + q * (M_ + N_)) * 8] * K_
+
+
+# --- what a rule does not aggregate passes through; what it broadcasts is its new state ---------------------
+
+def _with_extras(case, rule):
+    """The case's state plus the parts this rule does not own: a frozen-weight base, a dense W or an adapter."""
+    g = torch.Generator().manual_seed(9)
+    m, n = case.state.shape
+    base = LowRank(U=_rnd(g, m, 1), V=_rnd(g, 1, n))
+    if get_rule(rule).trains(case.ctx.round) == "W":
+        lora = LoRAFactors(A=_rnd(g, 2, n), B=_rnd(g, m, 2), scale=1.0)  # the uploads' scale
+        return case.state.replace(lora=lora, base=base)
+    return case.state.replace(W=_rnd(g, m, n), base=case.state.base if rule in ("fedex", "flora") else base)
+
+
+@pytest.mark.parametrize("rule,round_", [("fedavg", 0), ("ffa", 0), ("rolora", 0), ("rolora", 1), ("flexlora", 0),
+                                         ("fedex", 0), ("flora", 0), ("full", 0), ("head-only", 0)])
+def test_a_rule_keeps_the_parts_of_the_state_it_does_not_aggregate(rule, round_):
+    case = make_case(rule, m=6, n=5, r=3, K=3, seed=4, round_=round_)
+    state = _with_extras(case, rule)
+    out = aggregate(rule, state, case.updates, case.weights, ctx=case.ctx).state
+    if get_rule(rule).trains(round_) == "W":
+        assert out.lora is state.lora and out.base is state.base
+    else:
+        assert out.W is state.W
+        if rule not in ("fedex", "flora"):  # these two fold a correction into the base; the others keep it
+            assert out.base is state.base
+
+
+@pytest.mark.parametrize("rule,round_,keys", [
+    ("fedavg", 0, {"A", "B"}), ("ffa", 0, {"B"}), ("rolora", 0, {"B"}), ("rolora", 1, {"A"}),
+    ("flexlora", 0, {"A", "B"}), ("full", 0, {"W"}), ("head-only", 0, set()),
+])
+def test_the_broadcast_is_the_new_global(rule, round_, keys):
+    case = make_case(rule, m=6, n=5, r=3, K=3, seed=4, round_=round_)
+    out = aggregate(rule, case.state, case.updates, case.weights, ctx=case.ctx)
+    assert set(out.broadcast) == keys
+    for k, t in out.broadcast.items():
+        assert torch.equal(t, out.state.W if k == "W" else getattr(out.state.lora, k))
+
+
+def test_fedex_and_flora_broadcast_the_factors_clients_apply():
+    case = make_case("fedex", m=6, n=5, r=3, K=3, seed=4)
+    out = aggregate("fedex", case.state, case.updates, case.weights, ctx=case.ctx)
+    b = out.broadcast
+    assert set(b) == {"A", "B", "residual_U", "residual_V"}
+    assert torch.equal(b["A"], out.state.lora.A) and torch.equal(b["B"], out.state.lora.B)
+    _close(case.state.base.dense() + b["residual_U"] @ b["residual_V"], out.state.base.dense())
+    case = make_case("flora", m=6, n=5, r=3, K=3, seed=4)
+    out = aggregate("flora", case.state, case.updates, case.weights, ctx=case.ctx)
+    assert set(out.broadcast) == {"B_g", "A_g"}
+    _close(case.state.base.dense() + out.broadcast["B_g"] @ out.broadcast["A_g"], out.state.base.dense())
+    assert out.broadcast["B_g"].shape == (6, sum(case.ctx.client_ranks))
+
+
+def test_fedex_base_stays_at_the_residual_rank_when_the_residual_repeats():
+    """Rounds whose residuals span one subspace: the re-compressed base keeps that rank, not r per round."""
+    m, n, r, K = 40, 32, 2, 3  # K r = 6 <= min(m, n) / 4: the residual itself is re-compressed too
+    g = torch.Generator().manual_seed(8)
+    ups = [ClientUpdate(A=_rnd(g, r, n), B=_rnd(g, m, r), scale=0.5) for _ in range(K)]
+    state = GlobalMatrix(lora=LoRAFactors(A=_rnd(g, r, n), B=_rnd(g, m, r), scale=0.5))
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    first = None
+    for t in range(4):
+        state = aggregate("fedex", state, ups, w, ctx=RoundContext(round=t)).state
+        first = first if first is not None else state.base.dense()
+        assert isinstance(state.base, LowRank) and state.base.rank == (K - 1) * r, (t, state.base.rank)
+        _close(state.base.dense(), (t + 1) * first)
+
+
+# --- the registry and the matrix name --------------------------------------------------------------------------
+
+def test_a_registered_rule_is_found_by_name_and_listed():
+    from fedlora.aggregators.registry import RULES, Rule, register
+    from fedlora import rule_names
+    rule = Rule(name="test-gap-rule", aggregate=lambda s, u, p, c: None, trains=lambda t: "AB", exact=True, paper="-")
+    try:
+        assert register(rule) is rule
+        assert get_rule("test-gap-rule") is rule and "test-gap-rule" in rule_names()
+    finally:
+        RULES.pop("test-gap-rule", None)
+
+
+def test_an_unknown_rule_lists_the_registered_ones():
+    from fedlora import rule_names
+    with pytest.raises(KeyError) as info:
+        get_rule("no-such-rule")
+    assert "unknown rule 'no-such-rule'; registered rules: " + ", ".join(rule_names()) in str(info.value)
+
+
+def _broken_rule(where):
+    """A rule that returns a non-finite global (a bug the backstop must catch), NaN in ``where``."""
+    from fedlora.aggregators.registry import Aggregated, Rule
+
+    def agg(state, updates, p, ctx):
+        lora, base = state.lora, state.base
+        nan = lambda t: torch.full_like(t, float("nan"))  # noqa: E731
+        if where == "lora":
+            lora = LoRAFactors(A=nan(lora.A), B=lora.B, scale=lora.scale)
+        elif where == "lowrank":
+            base = LowRank(U=nan(base.U), V=base.V)
+        elif where == "lowrank-V":
+            base = LowRank(U=base.U, V=nan(base.V))
+        else:
+            base = DenseBase(M=nan(base.dense()))
+        return Aggregated(state=GlobalMatrix(lora=lora, base=base))
+
+    return get_rule("fedavg").__class__(name="broken", aggregate=agg, trains=lambda t: "AB", exact=True, paper="-")
+
+
+@pytest.mark.parametrize("where", ["lora", "lowrank", "lowrank-V", "dense"])
+def test_a_non_finite_aggregate_is_refused_naming_the_matrix(where):
+    from fedlora import NonFiniteUpdateError
+    case = make_case("fedex", m=6, n=5, r=2, K=2, seed=0)
+    with pytest.raises(NonFiniteUpdateError, match=r"^layer\.3\.q: the aggregate is not finite"):
+        aggregate(_broken_rule(where), case.state, case.updates, case.weights, name="layer.3.q")
+
+
+def test_update_errors_name_the_matrix():
+    from fedlora import UpdateError
+    case = make_case("fedavg", m=6, n=5, r=2, K=2, seed=0)
+    bad = ClientUpdate(A=case.updates[1].A, B=case.updates[1].B, scale=3.0)
+    with pytest.raises(UpdateError, match=r"^layer\.3\.q: client 1 \(position 1\)|^layer\.3\.q: client 1:"):
+        aggregate("fedavg", case.state, [case.updates[0], bad], case.weights, name="layer.3.q")
+    with pytest.raises(UpdateError, match=r"^matrix: client 1"):
+        aggregate("fedavg", case.state, [case.updates[0], bad], case.weights)

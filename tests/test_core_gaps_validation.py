@@ -206,3 +206,80 @@ def test_a_bad_weight_names_its_client():
     with pytest.raises(UpdateError, match="non-finite weight") as info:
         normalize_weights([float("nan"), 2.0, 1.0], 3, client_ids=IDS)
     assert info.value.client == "ann"
+
+
+# --- the messages say what is wrong ------------------------------------------------------------------------------
+
+def test_validate_updates_called_directly_checks_ranks_and_names_the_matrix():
+    from fedlora.validation import validate_updates
+    case = make_case("fedavg", m=6, n=4, r=2, K=2, seed=0)
+    bad = ClientUpdate(A=torch.ones(3, 4, dtype=torch.float64), B=torch.ones(6, 3, dtype=torch.float64),
+                       scale=case.updates[0].scale)
+    with pytest.raises(UpdateError, match=r"^matrix: client 1: A has rank 3, the global adapter has rank 2"):
+        validate_updates(case.state, [case.updates[0], bad], "AB")
+    validate_updates(case.state, [case.updates[0], bad], "AB", per_client_rank=True)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda u: {"A": u.A, "B": u.B, "W": torch.ones(6, 4, dtype=torch.float64)},
+     r"sent \['A', 'B', 'W'\] but this round trains \['A', 'B'\]"),
+    (lambda u: {}, r"sent nothing but this round trains \['A', 'B'\]"),
+    (lambda u: {"A": torch.ones(2, 4, 1, dtype=torch.float64), "B": u.B}, r"A has shape \(2, 4, 1\), expected \(r, 4\) for a 6×4"),
+    (lambda u: {"A": u.A, "B": torch.ones(6, dtype=torch.float64)}, r"B has shape \(6,\), expected \(6, r\) for a 6×4"),
+    (lambda u: {"A": u.A.numpy(), "B": u.B}, r"A is a numpy.ndarray, not a torch.Tensor"),
+    (lambda u: {"A": u.A.to(torch.int32), "B": u.B}, "A has dtype torch.int32; send floating-point"),
+])
+def test_each_refusal_says_what_is_wrong(make, msg):
+    case = make_case("fedavg", m=6, n=4, r=2, K=3, seed=0)
+    _reject("fedavg", case, 1, ClientUpdate(**make(case.updates[1]), scale=case.updates[1].scale),
+            match=f"^matrix: client 'bob' \\(position 1\\)(:)? {msg}")
+
+
+def test_a_non_update_object_is_refused():
+    case = make_case("fedavg", m=6, n=4, r=2, K=3, seed=0)
+    _reject("fedavg", case, 0, {"A": 1}, match=r"client 'ann' \(position 0\) sent a dict, expected fedlora.ClientUpdate")
+
+
+def test_a_wrong_dense_w_is_refused():
+    case = make_case("full", m=6, n=4, r=2, K=3, seed=0)
+    _reject("full", case, 2, ClientUpdate(W=torch.ones(4, 6, dtype=torch.float64)),
+            match=r"W has shape \(4, 6\), expected \(6, 4\)")
+
+
+def test_non_finite_entries_are_counted():
+    case = make_case("fedavg", m=6, n=4, r=2, K=3, seed=0)
+    u = case.updates[2]
+    B = u.B.clone()
+    B[0, 0], B[1, 1] = float("nan"), float("-inf")
+    _reject("fedavg", case, 2, ClientUpdate(A=u.A, B=B, scale=u.scale), err=NonFiniteUpdateError,
+            match=r"B has 2 NaN/Inf entries; the client diverged")
+
+
+def test_a_mismatched_scale_says_both_scales():
+    case = make_case("fedavg", m=6, n=4, r=2, K=3, seed=0)
+    u = case.updates[0]
+    _reject("fedavg", case, 0, ClientUpdate(A=u.A, B=u.B, scale=3.0),
+            match=rf"scale 3.0 differs from the global's {u.scale}; use one alpha/r")
+
+
+@pytest.mark.parametrize("field", ["A", "B"])
+def test_rank_zero_names_the_factor(field):
+    case = make_case("flexlora", m=6, n=4, r=3, K=3, seed=0)
+    shapes = {"A": ((0, 4), (6, 2)), "B": ((2, 4), (6, 0))}[field]
+    bad = ClientUpdate(A=torch.ones(*shapes[0], dtype=torch.float64), B=torch.ones(*shapes[1], dtype=torch.float64))
+    _reject("flexlora", case, 1, bad, match=f"{field} has rank 0; a client must train an adapter of rank >= 1")
+
+
+def test_weights_none_and_text_say_what_to_pass():
+    with pytest.raises(UpdateError, match=r"^weights=None; pass one number per client update"):
+        normalize_weights(None, 2)
+    with pytest.raises(UpdateError, match=r"^weights of type list are not a sequence of numbers"):
+        normalize_weights([1, "a"], 2)
+    with pytest.raises(UpdateError, match=r"^all client weights are zero"):
+        normalize_weights([0, 0], 2)
+
+
+def test_update_error_carries_its_culprit_as_data():
+    err = UpdateError("boom", client="c7", position=3)
+    assert (str(err), err.client, err.position) == ("boom", "c7", 3)
+    assert isinstance(err, ValueError) and UpdateError("x").client is None

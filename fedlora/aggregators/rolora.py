@@ -21,9 +21,11 @@ def rolora(state: GlobalMatrix, updates: Sequence[ClientUpdate], p: Tensor, ctx:
     old = state.lora
     if rolora_trains(ctx.round) == "B":
         B = weighted_sum([u.B for u in updates], p)  # (m, r)
-        return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=old.A, B=B, scale=old.scale), base=state.base), broadcast={"B": B})
+        return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=old.A, B=B, scale=old.scale), base=state.base, W=state.W),
+                          broadcast={"B": B})
     A = weighted_sum([u.A for u in updates], p)  # (r, n)
-    return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=A, B=old.B, scale=old.scale), base=state.base), broadcast={"A": A})
+    return Aggregated(state=GlobalMatrix(lora=LoRAFactors(A=A, B=old.B, scale=old.scale), base=state.base, W=state.W),
+                      broadcast={"A": A})
 
 
 register(Rule(name="rolora", linear=True, aggregate=rolora, trains=rolora_trains, exact=True,
