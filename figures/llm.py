@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from . import scaling
+from . import drops, scaling
 from .common import plt, save_figure
 from .scaling import CENTRAL, ordered, paired_lines, scaling_blocks
 
@@ -91,7 +91,15 @@ PAPER_TABLE2 = {
     ("rolora", 3): (95.60, 91.62, 85.66, 86.16, 82.19), ("fedavg", 50): (93.23, 82.57, 58.96, 76.96, 49.10),
     ("ffa", 50): (92.32, 85.15, 62.79, 77.78, 53.07), ("rolora", 50): (94.61, 89.83, 85.15, 85.55, 72.92),
 }
-METHOD_ORDER = ("fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full", "full-galore")
+METHOD_ORDER = ("fedavg", "fedavg-chain", "ffa", "ffa-chain", "rolora", "rolora-chain", "fedex", "flexlora", "flora",
+                "full", "full-galore", "head-only")
+# a sweep pooled into another's cells (same partition, clients, rank and seeds): the controls of the scaling study
+POOLED = {"scaling_controls": "scaling"}
+
+
+def pool_sweeps(runs: list[dict]) -> list[dict]:
+    """The runs with every sweep named in ``POOLED`` relabelled as the sweep it completes."""
+    return [dict(r, sweep=POOLED[r["sweep"]]) if r.get("sweep") in POOLED else r for r in runs]
 
 
 def sweep_runs(runs: list[dict], sweep: str) -> list[dict]:
@@ -168,6 +176,7 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     if single:
         written += save_figure(plot_accuracy(single, x="round"), out_dir, "llm_accuracy_vs_round")
         written += save_figure(plot_accuracy(single, x="uplink"), out_dir, "llm_accuracy_vs_uplink")
+    runs = pool_sweeps(runs)
     for sweep in sorted({r["sweep"] for r in runs if "sweep" in r} - {"dp"}):  # figures.dp draws the dp sweep
         rs = sweep_runs(runs, sweep)
         if not rs:
@@ -177,6 +186,11 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
         table = Path(out_dir) / f"llm_{sweep}_table.md"
         table.write_text(scaling_table(rs))
         written.append(table)
+        text = drops.drops_markdown(rs, order=METHOD_ORDER, rankless=RANKLESS)
+        if text:
+            path = Path(out_dir) / f"llm_{sweep}_drops.md"
+            path.write_text(text)
+            written.append(path)
     return written
 
 

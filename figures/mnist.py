@@ -28,15 +28,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import scaling  # noqa: E402
-from .stats import format_paired, paired, significant, summary, tail_mean  # noqa: E402
+from . import drops, scaling  # noqa: E402
+from .stats import format_paired, paired_test, significant, summary, tail_mean  # noqa: E402
 
 __all__ = ["load_runs", "plot_accuracy_vs_round", "plot_accuracy_vs_rank", "plot_accuracy_vs_bytes",
            "summary_table", "pivot_table", "paired_table", "final_tail", "scaling_runs", "plot_scaling",
            "scaling_table", "tuning_table", "make_all"]
 
-ORDER = ("centralised", "fedavg", "ffa", "rolora", "rolora-chain", "fedex", "flexlora", "flora", "full")
-STYLE = {"centralised": dict(color="black", ls="--"), "fedavg": dict(color="C0"), "ffa": dict(color="C1"),
+ORDER = ("centralised", "fedavg", "fedavg-chain", "ffa", "ffa-chain", "rolora", "rolora-chain", "fedex", "flexlora",
+         "flora", "full")
+STYLE = {"centralised": dict(color="black", ls="--"), "fedavg": dict(color="C0"), "fedavg-chain": dict(color="C0", ls=":"),
+         "ffa": dict(color="C1"), "ffa-chain": dict(color="C1", ls=":"),
          "rolora": dict(color="C2", lw=2), "rolora-chain": dict(color="C2", ls=":"), "fedex": dict(color="C3"),
          "flexlora": dict(color="C4"), "flora": dict(color="C5"), "full": dict(color="C7")}
 WORK_ORDER = lambda w: (0 if "step" in w else 1, float(w.split()[0]))  # noqa: E731
@@ -252,10 +254,12 @@ BASELINE = "fedavg"
 
 
 def _pairs(methods) -> list[tuple[str, str]]:
-    """Every rule minus fedavg, then rolora-chain minus rolora (each only when both are present)."""
+    """Every rule minus fedavg, then each chained rule minus its unchained rule other than fedavg's
+    (rolora-chain − rolora, ffa-chain − ffa; each only when both are present)."""
     pairs = [(m, BASELINE) for m in methods if m not in (BASELINE, "centralised")] if BASELINE in methods else []
-    if "rolora-chain" in methods and "rolora" in methods:
-        pairs.append(("rolora-chain", "rolora"))
+    for base in ("rolora", "ffa"):
+        if f"{base}-chain" in methods and base in methods:
+            pairs.append((f"{base}-chain", base))
     return pairs
 
 
@@ -277,12 +281,13 @@ def _tally_line(tally: dict) -> str:
 def paired_table(runs: list[dict]) -> str:
     """Markdown: per (setting, local work, rank), each rule minus fedavg and rolora-chain minus rolora,
     paired over the seeds both ran: d_i = a_i − b_i (final test accuracy), mean d̄ and the 95%
-    t-interval d̄ ± t(0.975, n−1)·s_d/√n; **bold** only when the interval excludes 0. The last line
-    counts the significant comparisons in each direction."""
+    t-interval d̄ ± t(0.975, n−1)·s_d/√n; **bold** only when the interval excludes 0. The last lines
+    count the significant comparisons in each direction, then the comparisons of the table and those
+    that survive a Holm correction over it (paired t-test p-values)."""
     g = _groups(runs, "setting", "local_work", "rank", "method")
     cells = sorted({k[:3] for k in g if k[0] != "centralised"}, key=_cell_sort(runs))
     pairs = _pairs([m for m in _methods(runs) if m != "centralised"])
-    tally = {}
+    tally, tested = {}, []
     lines = ["Paired differences of final test accuracy over seeds (same seed = same data split, init and batch "
              "order): mean [95% t-interval]; **bold** when the interval excludes 0; n = seeds both rules ran.", "",
              "| setting | local work | r | n | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |",
@@ -290,12 +295,13 @@ def paired_table(runs: list[dict]) -> str:
     for setting, work, rank in cells:
         row, ns = [], set()
         for a, b in pairs:
-            mean, lo, hi, n = paired(_by_seed(g.get((setting, work, rank, a), [])),
-                                     _by_seed(g.get((setting, work, rank, b), [])))
+            mean, lo, hi, n, p = paired_test(_by_seed(g.get((setting, work, rank, a), [])),
+                                             _by_seed(g.get((setting, work, rank, b), [])))
             if n < 2:
                 row.append("—")
                 continue
             ns.add(n)
+            tested.append((f"{a} − {b} ({setting}, {work}, r{rank})", p))
             row.append(format_paired(mean, lo, hi))
             kind = f"rule − {b}" if b == BASELINE else f"{a} − {b}"
             up, down, total = tally.get(kind, (0, 0, 0))
@@ -303,7 +309,7 @@ def paired_table(runs: list[dict]) -> str:
             tally[kind] = (up + (sig and mean > 0), down + (sig and mean < 0), total + 1)
         n_text = "–" if not ns else "/".join(str(n) for n in sorted(ns))
         lines.append(f"| {setting} | {work} | {rank} | {n_text} | " + " | ".join(row) + " |")
-    return "\n".join(lines + ["", _tally_line(tally)]) + "\n"
+    return "\n".join(lines + ["", _tally_line(tally), "", scaling.holm_line(tested)]) + "\n"
 
 
 # ---- the learning-rate search behind each cell ---------------------------------------------------------
@@ -352,13 +358,47 @@ def tuning_table(runs: list[dict]) -> str:
 
 # ---- the client-scaling sweep ------------------------------------------------------------------------------
 SCALING = "scaling"
+SCALING_SWEEPS = (SCALING, "paper_scaling")  # client-count sweeps: scaling figure, table and drops
 DP = "dp"
 RANKLESS = ("full",)
 
 
-def scaling_runs(runs: list[dict]) -> list[dict]:
-    """The evaluation runs of the client-scaling sweep (with its centralised reference)."""
-    return [r for r in runs if r.get("sweep") == SCALING and r.get("role") == "eval"]
+def scaling_runs(runs: list[dict], sweep: str = SCALING) -> list[dict]:
+    """The evaluation runs of a client-scaling sweep (with its centralised reference)."""
+    return [r for r in runs if r.get("sweep") == sweep and r.get("role") == "eval"]
+
+
+def main_work(runs: list[dict]) -> str | None:
+    """The local work of the client axis: the one run at the most client counts (a local-work axis at
+    one client count, as ``paper_scaling`` has at 50, stays off the client axis)."""
+    fed = [r for r in runs if r["method"] != scaling.CENTRAL]
+    works = {w: len({r["clients"] for r in fed if r["local_work"] == w}) for w in {r["local_work"] for r in fed}}
+    return max(works, key=lambda w: (works[w], -WORK_ORDER(w)[1])) if works else None
+
+
+def local_work_block(runs: list[dict]) -> str:
+    """Markdown: at each client count run with more than one local work, rule × local work, final test
+    accuracy mean ± sample std (ddof = 1) over seeds (n = seeds), one block per partition."""
+    fed = [r for r in runs if r["method"] != scaling.CENTRAL]
+    lines = []
+    for k in sorted({r["clients"] for r in fed}):
+        here = [r for r in fed if r["clients"] == k]
+        works = sorted({r["local_work"] for r in here}, key=WORK_ORDER)
+        if len(works) < 2:
+            continue
+        g = _groups(here, "partition", "local_work", "method")
+        rounds = {w: "/".join(str(x) for x in sorted({r["rounds_done"] for r in here if r["local_work"] == w}))
+                  for w in works}
+        for part in sorted({r["partition"] for r in here}, key=lambda x: (x != "iid", x)):
+            lines += [f"**Local work at {k} clients, {part}** (client-steps fixed; test accuracy, mean ± std over "
+                      "seeds; n = seeds)", "", "| rule | " + " | ".join(f"{w} ({rounds[w]} rounds)" for w in works)
+                      + " |", "|---|" + "---|" * len(works)]
+            for m in _methods(here):
+                cells = [g.get((part, w, m)) for w in works]
+                lines.append(f"| {m} | " + " | ".join(f"{_mean_std(r['final_test_accuracy'] for r in c)} (n={len(c)})"
+                                                       if c else "—" for c in cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def _budget_label(runs: list[dict]) -> str:
@@ -425,6 +465,27 @@ def _sweep_outputs(name: str, group: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
+def _scaling_outputs(name: str, runs: list[dict], out_dir: Path) -> list[Path]:
+    """A client-scaling sweep: accuracy against clients and the scaling table on its client axis (the
+    main local work; a local-work axis gets its own block in the table), the paired table, the lr
+    search, and ``mnist_<name>_drops.md`` (``figures.drops``: drops from the fewest clients, their
+    differences between rules, Holm-corrected per table)."""
+    work = main_work(runs)
+    axis = [r for r in runs if r["method"] == scaling.CENTRAL or r["local_work"] == work]
+    written = _save(plot_scaling(axis), out_dir, f"mnist_{name}_accuracy_vs_clients")
+    table = scaling_table(axis)
+    extra = local_work_block(runs)
+    written.append(_write(out_dir, f"mnist_{name}_table.md", table + ("\n" + extra if extra else "")))
+    written.append(_write(out_dir, f"mnist_{name}_paired.md", paired_table(runs)))
+    tuning = tuning_table(runs)
+    if tuning:
+        written.append(_write(out_dir, f"mnist_{name}_tuning.md", tuning))
+    text = drops.drops_markdown(axis, order=ORDER, rankless=RANKLESS, note=f"Local work: {work} per round.")
+    if text:
+        written.append(_write(out_dir, f"mnist_{name}_drops.md", text))
+    return written
+
+
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     """Per sweep: accuracy vs round and vs bytes for each client setting (at the sweep's main rank), the
     summary, pivot and paired tables. Accuracy vs rank pools every sweep's runs of one (setting, local
@@ -436,17 +497,13 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    others = [r for r in runs if r.get("sweep") not in (SCALING, DP)]  # figures.dp draws the dp sweep
+    others = [r for r in runs if r.get("sweep") not in SCALING_SWEEPS + (DP,)]  # figures.dp draws the dp sweep
     for (sweep,), group in sorted(_groups(others, "sweep").items(), key=lambda kv: str(kv[0])):
         written += _sweep_outputs(sweep or "runs", group, out_dir)
-    scal = scaling_runs(runs)
-    if scal:
-        written += _save(plot_scaling(scal), out_dir, "mnist_scaling_accuracy_vs_clients")
-        written.append(_write(out_dir, "mnist_scaling_table.md", scaling_table(scal)))
-        written.append(_write(out_dir, "mnist_scaling_paired.md", paired_table(scal)))
-        tuning = tuning_table(scal)
-        if tuning:
-            written.append(_write(out_dir, "mnist_scaling_tuning.md", tuning))
+    for sweep in SCALING_SWEEPS:
+        scal = scaling_runs(runs, sweep)
+        if scal:
+            written += _scaling_outputs(sweep, scal, out_dir)
     for (setting, work, rounds), group in _groups(
             [dict(r, n_rounds=r["config"]["rounds"]) for r in others], "setting", "local_work", "n_rounds").items():
         if setting == "centralised":

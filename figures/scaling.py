@@ -18,13 +18,14 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 
 from .common import plt
-from .stats import format_paired, paired, summary
+from .stats import format_paired, holm, paired_test, summary
 
 __all__ = ["CENTRAL", "PAIRS", "ordered", "partitions", "scaling_cells", "rounds_per_clients", "plot_scaling",
-           "scaling_blocks", "paired_lines"]
+           "scaling_blocks", "paired_lines", "holm_line"]
 
 CENTRAL = "centralised"
-PAIRS = (("rolora", "fedavg"), ("ffa", "fedavg"), ("rolora-chain", "rolora"))
+PAIRS = (("rolora", "fedavg"), ("ffa", "fedavg"), ("rolora-chain", "rolora"), ("fedavg-chain", "fedavg"),
+         ("ffa-chain", "ffa"))
 
 
 def ordered(methods, order) -> list[str]:
@@ -172,20 +173,35 @@ def _by_seed(runs: list[dict]) -> dict:
     return out
 
 
+def holm_line(tested: list[tuple[str, float]]) -> str:
+    """One line for a table of paired comparisons: how many it makes and which survive Holm–Bonferroni
+    over their paired t-test p-values (family = the table, family-wise 5%). ``tested``: (label, p)."""
+    if not tested:
+        return "No paired comparisons (fewer than 2 common seeds everywhere)."
+    keep = holm([p for _, p in tested])
+    names = [label for (label, _), ok in zip(tested, keep) if ok]
+    return (f"{len(tested)} paired comparisons in this table; surviving a Holm–Bonferroni correction over them "
+            f"(paired t-test p, family-wise 5%): {len(names)}" + (": " + "; ".join(names) if names else "") + ".")
+
+
 def paired_lines(runs: list[dict], parts, ranks, clients, pairs=PAIRS) -> list[str]:
     """Paired differences over seeds (same seed = same partition, init and batch order): mean and
-    95% t-interval (``figures.stats.paired``); a difference counts only when its interval excludes 0."""
+    95% t-interval (``figures.stats.paired``); a difference counts only when its interval excludes 0.
+    The last line counts the comparisons and names those that survive a Holm correction over the table."""
     acc = _by_seed(runs)
     lines = ["**Paired differences** (same seeds; mean [95% t-interval]; **bold** when the interval excludes 0)", "",
              "| partition, rank | pair | " + " | ".join(f"{c} clients" for c in clients) + " |",
              "|---|---|" + "---|" * len(clients)]
+    tested = []
     for rank in ranks:
         for part in parts:
             for a, b in pairs:
                 row = []
                 for c in clients:
-                    mean, lo, hi, n = paired(acc.get((a, part, rank, c), {}), acc.get((b, part, rank, c), {}))
+                    mean, lo, hi, n, p = paired_test(acc.get((a, part, rank, c), {}), acc.get((b, part, rank, c), {}))
                     row.append(format_paired(mean, lo, hi) if n >= 2 else "—")
+                    if n >= 2:
+                        tested.append((f"{a} − {b} ({part}, r{rank}, {c} clients)", p))
                 if any(x != "—" for x in row):
                     lines.append(f"| {part}, r{rank} | {a} − {b} | " + " | ".join(row) + " |")
-    return lines + [""]
+    return lines + ["", holm_line(tested), ""]

@@ -46,6 +46,12 @@ def summary(xs) -> tuple[float, float, float, int]:
     return float(a.mean()), sd, t975(n - 1) * sd / np.sqrt(n), n
 
 
+def _diffs(a: dict, b: dict, seeds) -> np.ndarray:
+    """a_s − b_s over ``seeds``, rounded to 12 decimals: equal gaps written differently (0.9 − 0.1 and
+    0.85 − 0.05) are then equal, not 1e-17 apart (which would read as a significant constant)."""
+    return np.round(np.array([a[s] - b[s] for s in seeds], dtype=float), 12)
+
+
 def paired(a: dict, b: dict) -> tuple[float, float, float, int]:
     """Paired difference a − b over the seeds both dicts (seed → value) hold:
     (mean d̄, lower d̄ − h, upper d̄ + h, n) with d_i = a_i − b_i and h the 95% t half-width of the d_i.
@@ -53,7 +59,7 @@ def paired(a: dict, b: dict) -> tuple[float, float, float, int]:
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return float("nan"), float("nan"), float("nan"), 0
-    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    d = _diffs(a, b, seeds)
     mean, _, h, n = summary(d)
     return mean, mean - h, mean + h, n
 
@@ -76,7 +82,7 @@ def paired_test(a: dict, b: dict) -> tuple[float, float, float, int, float]:
     """``paired(a, b)`` plus the paired t-test's two-sided p-value: (mean, lo, hi, n, p)."""
     mean, lo, hi, n = paired(a, b)
     seeds = sorted(set(a) & set(b))
-    return mean, lo, hi, n, ttest_p([a[s] - b[s] for s in seeds])
+    return mean, lo, hi, n, ttest_p(_diffs(a, b, seeds))
 
 
 def holm(pvalues, alpha: float = 0.05) -> list[bool]:
