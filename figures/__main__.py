@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-MODULES = ("figures.theory", "figures.mnist", "figures.bench", "figures.llm", "figures.dp")
+MODULES = ("figures.theory", "figures.mnist", "figures.bench", "figures.llm", "figures.dp", "figures.averaging")
 
 
 def main(argv=None) -> int:
