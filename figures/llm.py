@@ -7,7 +7,11 @@
   (partition, rank); final accuracy against the run's total uplink bytes; and the table
   ``llm_<sweep>_table.md`` (mean ± sample std over seeds, paired differences with 95% t-intervals,
   and the paper's Table 2 beside it). The figure and table pieces are shared with the MNIST toy
-  (``figures.scaling``), the statistics live in ``figures.stats``.
+  (``figures.scaling``), the statistics live in ``figures.stats``. ``llm_<sweep>_drops.md``
+  (``figures.drops``): the drop 3 → 50 clients per rule paired by seed, differences of drops, and each
+  rule's gain over ``head-only``, Holm-corrected per table. The controls sweep (``scaling_controls``:
+  fedavg-chain, ffa-chain, head-only) is pooled into the ``scaling`` cells; ``frozen_head`` (the
+  classifier head frozen at its random init) has its own table.
 
     python -m figures.llm --results results --out results/figures
 """

@@ -13,8 +13,12 @@ Statistics (``figures.stats``), over the n seeds of a cell:
 - ``mnist_<sweep>_paired.md``: per cell, each rule minus fedavg (and rolora-chain minus rolora) paired
   over seeds (same seed = same data split, init and batch order), mean [95% t-interval], bold when the
   interval excludes 0;
-- the client-scaling sweep (``sweep == "scaling"``): final accuracy against the number of clients and
-  ``mnist_scaling_table.md``, drawn by the pieces shared with the LLM tier (``figures.scaling``).
+  the last lines count the table's comparisons and name those surviving a Holm correction over it;
+- the client-scaling sweeps (``scaling``, ``paper_scaling``): final accuracy against the number of
+  clients and ``mnist_<sweep>_table.md`` on the client axis (the local work run at every client count;
+  a local-work axis at one client count gets its own block), drawn by the pieces shared with the LLM
+  tier (``figures.scaling``), and ``mnist_<sweep>_drops.md`` (``figures.drops``: the drop from the
+  fewest clients paired by seed, differences of drops between rules, Holm per table).
 """
 from __future__ import annotations
 
