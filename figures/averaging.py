@@ -63,8 +63,19 @@ def cell_of(r: dict) -> tuple:
     return (r.get("partition"), r.get("clients"), _work(r), r.get("rank"))
 
 
+def _work_key(work: str) -> tuple:
+    head = str(work).split()[0]
+    return (0, float(head)) if head.replace(".", "", 1).isdigit() else (1, str(work))
+
+
 def _cell_key(c: tuple):
-    return (c[0] != "iid", str(c[0]), c[1] or 0, str(c[2]), c[3] or 0)
+    return (c[0] != "iid", str(c[0]), c[1] or 0, _work_key(c[2]), c[3] or 0)
+
+
+def _colours(methods) -> dict:
+    """rule -> colour; a chained rule takes its unchained rule's colour (drawn dotted / hollow)."""
+    bases = list(dict.fromkeys(m.removesuffix("-chain") for m in methods))
+    return {m: f"C{bases.index(m.removesuffix('-chain')) % 10}" for m in methods}
 
 
 def _grid(n: int, w: float = 4.4, h: float = 3.4):
@@ -83,7 +94,7 @@ def plot_error_per_round(runs: list[dict]):
     runs = [r for r in runs if has_error(r)]
     cells = sorted({cell_of(r) for r in runs}, key=_cell_key)
     methods = ordered({r["method"] for r in runs}, ORDER)
-    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colour = _colours(methods)
     fig, axes = _grid(max(len(cells), 1))
     for ax, cell in zip(axes, cells):
         here = [r for r in runs if cell_of(r) == cell]
@@ -119,11 +130,12 @@ def plot_error_per_round(runs: list[dict]):
 
 def plot_accuracy_vs_error(runs: list[dict]):
     """Final test accuracy against the run's mean e_t over rounds: one point per run, colour = rule,
-    marker = client count, one panel per (partition, local work, rank); symlog x so exact rules (0) show."""
+    marker = client count (hollow for chained rules, in their unchained rule's colour), one panel per (partition,
+    local work, rank); symlog x so exact rules (0) show."""
     runs = [r for r in runs if has_error(r) and r.get("final_test_accuracy") is not None]
     panels = sorted({(c[0], c[2], c[3]) for c in map(cell_of, runs)}, key=lambda c: _cell_key((c[0], 0, c[1], c[2])))
     methods = ordered({r["method"] for r in runs}, ORDER)
-    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colour = _colours(methods)
     shapes = {k: s for k, s in zip(sorted({r["clients"] for r in runs}), "os^Dvp<>h*")}
     fig, axes = _grid(max(len(panels), 1), w=4.8)
     for ax, (part, work, rank) in zip(axes, panels):
@@ -135,8 +147,10 @@ def plot_accuracy_vs_error(runs: list[dict]):
                 if g:
                     x = [mean_error(r) for r in g]
                     xs += x
-                    ax.scatter(x, [r["final_test_accuracy"] for r in g], s=18, marker=shape, color=colour[m],
-                               alpha=0.8, label=None if m in labelled else m)
+                    hollow = dict(facecolors="none", edgecolors=colour[m]) if m.endswith("-chain") else dict(
+                        color=colour[m])
+                    ax.scatter(x, [r["final_test_accuracy"] for r in g], s=18, marker=shape, alpha=0.8,
+                               label=None if m in labelled else m, **hollow)
                     labelled.add(m)
         pos = [x for x in xs if x > 0]
         if pos:
