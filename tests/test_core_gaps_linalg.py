@@ -17,6 +17,11 @@ def _rnd(g, *shape, dtype=F64):
     return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
 
 
+def test_compress_of_rank_zero_factors_stays_rank_zero():
+    L, Rt = compress(torch.zeros(5, 0, dtype=F64), torch.zeros(0, 4, dtype=F64))
+    assert L.shape == (5, 0) and Rt.shape == (0, 4)
+
+
 def test_compress_of_a_zero_product_keeps_one_zero_direction():
     U, V = torch.zeros(8, 4, dtype=F64), torch.zeros(4, 6, dtype=F64)
     L, Rt = compress(U, V)
@@ -163,10 +168,11 @@ def _norm_cases():
     big = [(_rnd(g, m, 6), _rnd(g, 6, n))]  # 6 (12 + 10) >= 120: the sum is formed
     dense = [_rnd(g, m, n, dtype=torch.float32)]
     return {"factored": (lr, ()), "single": (lr[:1], ()), "wide": (big, ()), "mixed": (lr, dense),
-            "dense-only": ([], dense), "cancel": ([lr[0], (-lr[0][0], lr[0][1])], ())}, (m, n)
+            "dense-only": ([], dense), "cancel": ([lr[0], (-lr[0][0], lr[0][1])], ()),
+            "float32": ([(_rnd(g, m, 3, dtype=torch.float32), _rnd(g, 3, n, dtype=torch.float32))], ())}, (m, n)
 
 
-@pytest.mark.parametrize("which", ["factored", "single", "wide", "mixed", "dense-only", "cancel"])
+@pytest.mark.parametrize("which", ["factored", "single", "wide", "mixed", "dense-only", "cancel", "float32"])
 def test_frobenius_norm_is_the_norm_of_the_sum(which):
     from fedlora.linalg import frobenius_norm
     cases, shape = _norm_cases()
@@ -178,7 +184,8 @@ def test_frobenius_norm_is_the_norm_of_the_sum(which):
         total += D.double()
     got = frobenius_norm(lowrank, dense, shape=shape)
     assert isinstance(got, float)
-    assert got == pytest.approx(float(torch.linalg.matrix_norm(total)), rel=1e-9, abs=1e-6)
+    want = float(torch.linalg.matrix_norm(total))
+    assert got == pytest.approx(want, rel=1e-11, abs=1e-6 if which == "cancel" else 0)
 
 
 def test_frobenius_norm_of_nothing_is_zero():
