@@ -106,11 +106,15 @@ def counts(statuses: dict[str, str]) -> dict:
     return row
 
 
-def diff_of(wd: Path, name: str) -> str:
-    r = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "show", name], cwd=wd,
-                       capture_output=True, text=True)
-    lines = r.stdout.splitlines()
-    return "\n".join(lines[1:]).strip()  # drop the "# name: status" header
+def diffs_of(wd: Path, names_by_path: dict[str, list[str]]) -> dict[str, str]:
+    """Each mutant's diff (what ``mutmut show`` prints), read in one process inside the snapshot."""
+    code = ("import json, sys\n"
+            "from mutmut.mutation.diff_apply import get_diff_for_mutant\n"
+            "todo = json.load(sys.stdin)\n"
+            "print(json.dumps({k: get_diff_for_mutant(k, path=p) for p, ks in todo.items() for k in ks}))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=wd, input=json.dumps(names_by_path), capture_output=True,
+                       text=True, check=True)
+    return {k: "\n".join(d.splitlines()[2:]).strip() for k, d in json.loads(r.stdout).items()}  # no ---/+++
 
 
 def signature(name: str, diff: str) -> str:
@@ -152,7 +156,8 @@ def report(suite_results: dict, diffs: dict) -> None:
                 d = diffs[k]
                 why = reasons.get(signature(k, d), "UNCLASSIFIED")
                 by_reason[why.split(":")[0]] += 1
-                lines.append(f"- `{k}` ({st[k]}): **{why}**\n\n```diff\n{d}\n```\n")
+                changed = "\n".join(x for x in d.splitlines() if x[:1] in "+-")
+                lines.append(f"- `{k}` ({st[k]}): **{why}**\n\n```diff\n{changed}\n```\n")
         summary = ", ".join(f"{v} {k}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
         lines.insert(1, f"Survivors by reason: {summary or 'none'}.\n")
         sections[suite] = "\n".join(lines) + "\n"
@@ -160,7 +165,9 @@ def report(suite_results: dict, diffs: dict) -> None:
             "last run, its diff and why it stays: *equivalent* (no input tells it from the original), "
             "*message wording* (only an error message's text changes), *storage only* (a dtype, copy or "
             "layout no caller can observe through the API), *unreachable* (a guard the validated input never "
-            "trips), or *UNCLASSIFIED* (not reviewed yet). Reasons live in tools/mutation_reasons.json.\n\n")
+            "trips), *killed since* (a test added after the recorded run kills it; the next run drops it) or "
+            "*UNCLASSIFIED* (not reviewed yet). Reasons live in tools/mutation_reasons.json, keyed by function and "
+            "changed line.\n\n")
     mpath.write_text(head + "".join(f"## suite {s}\n{sections[s]}" for s in sorted(sections)))
 
 
@@ -177,10 +184,7 @@ def main() -> None:
             wd = snapshot(suite, suites()[suite])
             run_mutmut(wd)
         res = outcomes(wd)
-        for st in res.values():
-            for k, v in st.items():
-                if v in SURVIVED:
-                    diffs[k] = diff_of(wd, k)
+        diffs.update(diffs_of(wd, {p: [k for k, v in st.items() if v in SURVIVED] for p, st in res.items()}))
         results[suite] = res
         tot = counts({k: v for st in res.values() for k, v in st.items()})
         print(f"{suite}: {tot}", flush=True)
