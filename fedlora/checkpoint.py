@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .factors import DenseBase, GlobalMatrix, LoRAFactors, LowRank
 
-__all__ = ["save_checkpoint", "load_checkpoint", "state_to_tensors", "state_from_tensors", "atomic_write_json"]
+__all__ = ["save_checkpoint", "load_checkpoint", "state_to_tensors", "state_from_tensors", "atomic_write_json",
+           "fingerprint_diff", "file_sha256"]
 
 _SEP = "::"
 _RNG = "__rng__::"  # tensor-name prefix of the global generator states
@@ -35,6 +36,34 @@ def atomic_write_json(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """The content hash of a data file: a resumed run must read the same bytes, whatever the file is called."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(obj) if isinstance(obj, tuple) else obj}
+
+
+def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["lr: 0.001 -> 0.01", ...]``: every (dotted) key whose value differs between two run fingerprints
+    (JSON-able dicts of everything that shapes a run: its config, the data's content hash, the model)."""
+    a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
 def state_to_tensors(state: Mapping[str, GlobalMatrix | Tensor]) -> tuple[dict, dict]:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .aggregators import Aggregated, RoundContext, Rule, aggregate, get_rule
 from .averaging_error import ErrorTracker
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import fingerprint_diff, load_checkpoint, save_checkpoint
 from .comm import RoundComm
 from .config import ConfigError, FedConfig
 from .factors import ClientUpdate, GlobalMatrix, LoRAFactors, nbytes
@@ -301,7 +301,7 @@ def run_federated(cfg: FedConfig, *, init: State,
                   local_optimizers: Sequence[str] = ("default",),
                   progress: bool = True, run_info: Optional[Mapping] = None,
                   on_round_start: Optional[Callable[[int, State], None]] = None,
-                  averaging_error: bool = True) -> RunResult:
+                  averaging_error: bool = True, fingerprint: Optional[Mapping] = None) -> RunResult:
     """Run ``cfg.rounds`` rounds of ``cfg.rule`` from ``init``.
 
     ``local_train_batch``, when given, trains all clients of a round in one call (vectorised tiers);
@@ -317,6 +317,10 @@ def run_federated(cfg: FedConfig, *, init: State,
     ``averaging_error`` records each round's averaging error (``fedlora.averaging_error``: the server's
     new global against the average of the clients' trained adapters) in the history; it keeps every
     client's low-rank factors of the round (and one float64 m × n sum for the full-weight rules).
+    ``fingerprint``: a JSON-able dict of everything else that shapes the run (the tier's whole config,
+    the data file's content hash, the model's identity), stored in every checkpoint; ``resume`` refuses a
+    checkpoint whose fingerprint differs, naming the keys. Leave out what cannot change the numbers
+    (output folders, evaluation frequency, threads).
     """
     if on_bad_update not in ("raise", "drop"):
         raise ConfigError(f"on_bad_update={on_bad_update!r}; use 'raise' or 'drop'")
@@ -330,7 +334,7 @@ def run_federated(cfg: FedConfig, *, init: State,
     state, history, start = dict(init), [], 0
     client_state: dict[int, dict[str, Tensor]] = {}
     if checkpoint_dir is not None and resume:
-        loaded = resume_run(Path(checkpoint_dir), cfg)
+        loaded = resume_run(Path(checkpoint_dir), cfg, fingerprint=fingerprint)
         if loaded is not None:
             state, history, start, client_state = loaded
 
@@ -369,7 +373,7 @@ def run_federated(cfg: FedConfig, *, init: State,
         history.append(record)
         if checkpoint_dir is not None and ((t + 1) % cfg.checkpoint_every == 0 or last):
             save_round(Path(checkpoint_dir), cfg, state=state, round_done=t, history=history,
-                       client_state=client_state, run_info=run_info)
+                       client_state=client_state, run_info={**(run_info or {}), "fingerprint": fingerprint})
         done_here += 1
         if stop_after is not None and done_here >= stop_after:
             break
@@ -405,16 +409,30 @@ def save_round(directory: Path, cfg: FedConfig, *, state: State, round_done: int
                           **(run_info or {})})
 
 
-def resume_run(directory: Path, cfg: FedConfig) -> Optional[tuple[dict, list, int, dict]]:
-    """``(state, history, next round, client_state)`` from ``directory``'s checkpoint, or ``None``."""
+def resume_run(directory: Path, cfg: FedConfig, *, fingerprint: Optional[Mapping] = None
+               ) -> Optional[tuple[dict, list, int, dict]]:
+    """``(state, history, next round, client_state)`` from ``directory``'s checkpoint, or ``None``.
+
+    Refuses (``ConfigError``) a checkpoint written with another core config or, when ``fingerprint`` is
+    given, with another fingerprint: resuming would train the remaining rounds, or label the finished
+    ones, under settings they were not run with."""
     loaded = load_checkpoint(Path(directory))
     if loaded is None:
         return None
     state, info = loaded
-    cfg_json = dataclasses.asdict(cfg)
-    if info.get("config") != cfg_json:
-        raise ConfigError(f"checkpoint in {directory} was written with config {info.get('config')}, "
-                          f"not {cfg_json}; resume with the same config or use a fresh directory")
+    free = ("eval_every", "checkpoint_every")  # when to evaluate or save never changes the numbers
+    core = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
+    diff = fingerprint_diff({k: v for k, v in (info.get("config") or {}).items() if k not in free}, core)
+    if diff:
+        raise ConfigError(f"checkpoint in {directory} was written with another run config ({'; '.join(diff)}); "
+                          "resume with the same config, or start fresh in another checkpoint directory")
+    if fingerprint is not None:
+        old = info.get("fingerprint")
+        diff = fingerprint_diff(old, fingerprint) if old is not None else ["(the checkpoint records no fingerprint)"]
+        if diff:
+            raise ConfigError(f"checkpoint in {directory} was written with other settings ({'; '.join(diff)}); "
+                              "resume with the same settings, or start fresh in another checkpoint directory "
+                              "(or delete this one)")
     start = info["round_done"] + 1
     log.info("resumed from round %d", start)
     return state, info["history"], start, info.get("client_state", {})

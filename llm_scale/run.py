@@ -65,6 +65,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# Settings that cannot change a run's numbers: a resume may change them (fedlora.loop.resume_run).
+NOT_RESULT_SHAPING = ("threads", "eval_every", "eval_splits")
+
+
+def run_fingerprint(cfg: LLMConfig, fed: Federation) -> dict:
+    """Everything that shapes a run: the whole config but ``NOT_RESULT_SHAPING``, the data file's content
+    hash (or the shipped corpus's name and version), and the model's identity (never a machine path)."""
+    from fedlora.checkpoint import file_sha256
+
+    config = {k: portable_path(v) if k in ("model", "data_path") else v
+              for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_SHAPING}
+    data = {"sha256": file_sha256(Path(cfg.data_path))} if cfg.data_path else {"source": fed.splits.summary().get("source")}
+    return {"tier": "llm_scale", "config": config, "data": data, "model": fed.spec.source}
+
+
 def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[Path] = None, resume: bool = False,
         export_dir: Optional[Path] = None, stop_after: Optional[int] = None, progress: bool = True,
         federation: Optional[Federation] = None, extra: Optional[dict] = None) -> dict:
@@ -81,7 +96,8 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
                             client_ranks=ranks, client_scales=scales, on_round_start=fed.on_round_start,
                             checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, progress=progress,
                             local_optimizers=("default", "galore"),
-                            run_info={"llm_config": dataclasses.asdict(cfg)})
+                            run_info={"llm_config": dataclasses.asdict(cfg)},
+                            fingerprint=run_fingerprint(cfg, fed) if checkpoint_dir is not None else None)
         hist, state = res.history, res.state
     except NonFiniteUpdateError as err:  # a client diverged: the lr is too large for this method
         diverged = str(err)

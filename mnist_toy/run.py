@@ -52,6 +52,21 @@ def _dp_record(cfg: ToyConfig, toy, steps: int) -> Optional[dict]:
             "epsilon_spent_max": max(c["epsilon_spent"] for c in clients)}
 
 
+# Settings that cannot change a run's numbers: a resume may change them (fedlora.loop.resume_run).
+NOT_RESULT_SHAPING = ("threads", "eval_every")
+
+
+def run_fingerprint(cfg: ToyConfig, data: Mnist) -> dict:
+    """Everything that shapes a run: the whole config but ``NOT_RESULT_SHAPING`` and the digits' content hash."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.x_train, data.y_train, data.x_test, data.y_test):
+        h.update(a.tobytes())
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_SHAPING}
+    return {"tier": "mnist_toy", "config": config, "data": {"sha256": h.hexdigest()}}
+
+
 def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = None,
         checkpoint_dir: Optional[Path] = None, resume: bool = False, stop_after: Optional[int] = None,
         progress: bool = True, extra: Optional[dict] = None) -> dict:
@@ -77,7 +92,8 @@ def run(cfg: ToyConfig, *, data: Optional[Mnist] = None, out: Optional[Path] = N
                             evaluate=lambda t, state: evaluate(toy, state),
                             client_ranks=[cfg.rank] * k, client_scales=[cfg.scale] * k,
                             checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, progress=progress,
-                            run_info={"toy_config": dataclasses.asdict(cfg)})
+                            run_info={"toy_config": dataclasses.asdict(cfg)},
+                            fingerprint=run_fingerprint(cfg, data) if checkpoint_dir is not None else None)
         hist = res.history
     except NonFiniteUpdateError as err:  # a client's factors went NaN/Inf: the lr is too large for this method
         diverged, hist = str(err), []
