@@ -64,3 +64,28 @@ def test_llm_resume_refuses_another_lr_and_another_csv_with_the_same_columns(tmp
         run(dataclasses.replace(cfg, data_path=str(other)), checkpoint_dir=ck, resume=True, progress=False)
     rec = run(dataclasses.replace(cfg, threads=1, eval_every=3), checkpoint_dir=ck, resume=True, progress=False)
     assert rec["complete"] and rec["rounds_done"] == 3
+
+
+def test_the_flower_strategy_refuses_a_resume_with_another_fingerprint(tmp_path):
+    """Both Flower apps pass their tier's fingerprint (the toy's: mnist_toy.run.run_fingerprint; the LLM
+    app's: llm_scale.run.run_fingerprint); the strategy resumes through the core's check."""
+    from fedlora.flower import FedLoraStrategy
+    from fedlora.loop import save_round
+
+    cfg = FedConfig(rule="fedavg", rounds=3, num_clients=3, seed=0)
+    save_round(tmp_path, cfg, state=init_state("fedavg"), round_done=0, history=[{}], client_state={},
+               run_info={"fingerprint": {"config": {"hidden": 16}}})
+    with pytest.raises(ConfigError, match=r"config.hidden: 16 -> 32"):
+        FedLoraStrategy(cfg=cfg, init=init_state("fedavg"), checkpoint_dir=tmp_path, resume=True,
+                        fingerprint={"config": {"hidden": 32}})
+    ok = FedLoraStrategy(cfg=cfg, init=init_state("fedavg"), checkpoint_dir=tmp_path, resume=True,
+                         fingerprint={"config": {"hidden": 16}})
+    assert ok.resumed_from == 1
+
+
+def test_both_flower_apps_pass_their_tiers_fingerprint():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for app in ("flower-mnist/flower_mnist/server_app.py", "flower-llm/flower_llm/server_app.py"):
+        assert "fingerprint=run_fingerprint(" in (root / app).read_text(), app

@@ -79,7 +79,8 @@ class FedLoraStrategy(Strategy):
                  client_ranks: Optional[Sequence[int]] = None, client_scales: Optional[Sequence[float]] = None,
                  min_replies: int = 1, round_timeout: float = 600.0, connect_timeout: float = 60.0,
                  checkpoint_dir: Optional[Path] = None, resume: bool = False,
-                 run_info: Optional[Mapping] = None, on_round: Optional[Callable[[dict], None]] = None) -> None:
+                 run_info: Optional[Mapping] = None, on_round: Optional[Callable[[dict], None]] = None,
+                 fingerprint: Optional[Mapping] = None) -> None:
         self.cfg, self.rule = cfg, get_rule(cfg.rule)
         if self.rule.chain:
             raise ConfigError(f"rule={cfg.rule!r} trains the clients one after another, each from the previous "
@@ -97,10 +98,11 @@ class FedLoraStrategy(Strategy):
         self.evaluate, self.client_ranks, self.client_scales = evaluate, client_ranks, client_scales
         self.min_replies, self.round_timeout, self.connect_timeout = min_replies, round_timeout, connect_timeout
         self.checkpoint_dir, self.run_info = (Path(checkpoint_dir) if checkpoint_dir else None), run_info
+        self.fingerprint = fingerprint  # the app's run settings: a resume with other ones is refused
         self.on_round = on_round
         self.state, self.history, self.start_round, self.resumed_from = dict(init), [], 0, None
         if self.checkpoint_dir is not None and resume:
-            loaded = resume_run(self.checkpoint_dir, cfg)
+            loaded = resume_run(self.checkpoint_dir, cfg, fingerprint=fingerprint)
             if loaded is not None:
                 self.state, self.history, self.start_round, _ = loaded  # client_state lives on the nodes
                 self.resumed_from = self.start_round
@@ -254,7 +256,8 @@ class FedLoraStrategy(Strategy):
         self.history.append(record)
         if self.checkpoint_dir is not None and ((t + 1) % cfg.checkpoint_every == 0 or last):
             save_round(self.checkpoint_dir, cfg, state=self.state, round_done=t, history=self.history,
-                       client_state={}, run_info={**(self.run_info or {}), "engine": "flower"})
+                       client_state={}, run_info={**(self.run_info or {}), "engine": "flower",
+                                                  "fingerprint": self.fingerprint})
         if self.on_round is not None:
             self.on_round(record)
 

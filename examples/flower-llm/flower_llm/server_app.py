@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.flower import FedLoraStrategy
 from fedlora.flower.report import print_line, resumed_line, round_line, write_results
 from fedlora.flower.strategy import RunFailed
+from llm_scale.run import run_fingerprint
 
 from .task import ServerFederation, as_dict, fed, llm_config, run_config
 
@@ -30,7 +31,8 @@ def main(grid: Grid, context: Context) -> None:
                                client_ranks=ranks, client_scales=scales, min_replies=rc["min-replies"],
                                round_timeout=rc["round-timeout"], connect_timeout=rc["connect-timeout"],
                                checkpoint_dir=ckpt, resume=ckpt is not None, run_info={"llm_config": as_dict(cfg)},
-                               on_round=lambda record: print_line(round_line(record)))
+                               on_round=lambda record: print_line(round_line(record)),
+                               fingerprint=run_fingerprint(cfg, federation) if ckpt is not None else None)
     if strategy.resumed_from is not None:
         print_line(resumed_line(ckpt, strategy.resumed_from, cfg.rounds))
     res = strategy.run(grid)

@@ -14,7 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.flower import FedLoraStrategy
 from fedlora.flower.report import print_line, resumed_line, round_line, write_results
 from fedlora.flower.strategy import RunFailed
+from mnist_toy.data import load_mnist
 from mnist_toy.model import evaluate, init_state
+from mnist_toy.run import run_fingerprint
 
 from .task import fed, run_config, toy, toy_config
 
@@ -33,7 +35,8 @@ def main(grid: Grid, context: Context) -> None:
                                min_replies=rc["min-replies"], round_timeout=rc["round-timeout"],
                                connect_timeout=rc["connect-timeout"], checkpoint_dir=ckpt, resume=ckpt is not None,
                                run_info={"toy_config": dataclasses.asdict(cfg)},
-                               on_round=lambda record: print_line(round_line(record)))
+                               on_round=lambda record: print_line(round_line(record)),
+                               fingerprint=run_fingerprint(cfg, load_mnist()) if ckpt is not None else None)
     if strategy.resumed_from is not None:
         print_line(resumed_line(ckpt, strategy.resumed_from, cfg.rounds))
     res = strategy.run(grid)
