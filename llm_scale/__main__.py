@@ -1,14 +1,20 @@
 """Command line of the LLM tier.
 
     python -m llm_scale --config cpu-minilm-tweets --method rolora --clients 3 --rank 8 --seed 0 --out DIR
+    python -m llm_scale --data reviews.csv --text-column review --label-column rating --out DIR   # your own file
     python -m llm_scale --config my.toml --set lr=1e-3 --set layers=[3,4,5] --out DIR --export DIR/adapter
     python -m llm_scale --quick --out results/reproduce/llm_scale   # what `make reproduce` runs (minutes)
     python -m llm_scale sweep --preset scaling --out results --jobs 2   # the client-scaling study (≈2 h)
+    python -m llm_scale export CHECKPOINT_DIR_OR_RUN_JSON --out DIR     # a finished run's adapter, for peft
 
 ``--config`` takes a shipped config name (``llm_scale/configs/*.toml``) or a TOML file; every
-``LLMConfig`` field can be overridden with ``--set key=value`` (TOML value syntax). One JSON per run goes
-to ``DIR/<method>_<model>_..._seed<seed>.json``; ``--checkpoint-dir`` with ``--resume`` continues an
-interrupted run from its last round; ``--export`` writes the final global for ``PeftModel.from_pretrained``.
+``LLMConfig`` field can be overridden with ``--set key=value`` (TOML value syntax; a text field such as
+``label_column`` keeps ``1`` as the text "1"); ``--data``, ``--text-column``, ``--label-column``,
+``--label-map`` and ``--max-length`` are shortcuts for ``data_path`` (and task='table' when the config reads
+the tweets), ``text_column``, ``label_column``, ``label_map``, ``max_length``. One JSON per run goes to
+``DIR/<method>_<model>_..._seed<seed>[_<data stem>-<hash>].json``; ``--checkpoint-dir`` with ``--resume``
+continues an interrupted run from its last round; ``--export`` (or the ``export`` subcommand, later) writes
+the final global for ``PeftModel.from_pretrained``.
 """
 from __future__ import annotations
 
@@ -24,16 +30,60 @@ QUICK = dict(clients=3, rounds=5, local_steps=10, eval_every=1, train_subset=240
 
 
 def _parse_set(items) -> dict:
+    """``KEY=VALUE`` pairs, each VALUE in TOML syntax; a text field keeps what was typed unless it is a
+    quoted TOML string (``label_column=1`` names the column "1", ``model='tiny-roberta'`` drops the quotes)."""
+    from .config import TEXT_FIELDS
+
     out = {}
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"error: --set {item!r}: write KEY=VALUE, e.g. --set lr=1e-3")
+        key = key.strip()
         try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = value  # a bare string
+            parsed = value  # a bare string
+        out[key] = value.strip() if key in TEXT_FIELDS and not isinstance(parsed, str) else parsed
     return out
+
+
+# flag -> config key: the names a user looks for first
+SHORTCUTS = {"data": "data_path", "text_column": "text_column", "label_column": "label_column",
+             "label_map": "label_map", "max_length": "max_length"}
+
+
+def _shortcuts(args, config: str, overrides: dict) -> dict:
+    """The shortcut flags as config overrides; ``--data`` also selects task='table' when the config
+    (and ``--set``) would read the shipped tweets."""
+    from .config import load_config
+
+    out = {key: getattr(args, flag) for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None}
+    if "data_path" in out:
+        out["data_path"] = str(out["data_path"])
+        if "task" not in overrides and load_config(config).task == "tweets":
+            out["task"] = "table"
+    return out
+
+
+KNOWN_HARMLESS = ("bitsandbytes' CPU probe for an optional 4-bit kernel package (never used here: no 4-bit "
+                  "weights) and transformers' FutureWarning on is_gradient_checkpointing (peft reads the "
+                  "deprecated alias)")
+
+
+def _drop_gemm_4bit(record) -> bool:
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def quiet_known_warnings() -> None:
+    """Silence, by their text only, two third-party messages known to be harmless: ``KNOWN_HARMLESS``."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _drop_gemm_4bit not in log.filters:
+        log.addFilter(_drop_gemm_4bit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,17 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="python -m llm_scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="subcommand: `python -m llm_scale sweep --help` (the client-scaling study)")
+                                 epilog="subcommands: `python -m llm_scale sweep --help` (the client-scaling study), "
+                                        "`python -m llm_scale export --help` (a finished run's adapter)")
     ap.add_argument("--config", default="cpu-minilm-tweets", help=f"a TOML file or one of: {', '.join(config_names())}")
     ap.add_argument("--method", choices=rule_names() + [CENTRALISED], help="the server rule (or centralised)")
     ap.add_argument("--clients", type=int)
     ap.add_argument("--rank", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field")
+    ap.add_argument("--data", type=Path, metavar="PATH",
+                    help="your .csv/.tsv/.jsonl file (data_path; sets task='table' unless the config names "
+                         "another task), or the folder of GLUE TSVs / the commonsense JSONL of those tasks")
+    ap.add_argument("--text-column", metavar="NAME", help="the column holding the text (text_column; default 'text')")
+    ap.add_argument("--label-column", metavar="NAME",
+                    help="the column holding the label (label_column; default 'label'); its values are class names, "
+                         "numbers too, in natural order (1 < 2 < 10)")
+    ap.add_argument("--label-map", metavar="RULES",
+                    help="fewer classes (label_map), e.g. '1-4:neg,5-6:mid,7-10:pos': SOURCE:CLASS rules, SOURCE a "
+                         "label value or an inclusive range LO-HI; classes in the order the rules name them")
+    ap.add_argument("--max-length", type=int, metavar="TOKENS",
+                    help="tokens kept per text (max_length); a run warns when it cuts more than 5%% of the rows")
     ap.add_argument("--out", type=Path, required=True, help="directory for the run's JSON")
     ap.add_argument("--checkpoint-dir", type=Path)
     ap.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    ap.add_argument("--export", type=Path, metavar="DIR", help="save the final global model (peft save_pretrained)")
+    ap.add_argument("--export", type=Path, metavar="DIR", help="save the final global model (peft save_pretrained); "
+                    "for a finished run: `python -m llm_scale export CHECKPOINT_DIR --out DIR`")
     ap.add_argument("--quick", action="store_true",
                     help=f"the quick reproduction: MiniLM on the tweets, 3 clients, rules {', '.join(QUICK_METHODS)}")
     ap.add_argument("--no-progress", action="store_true")
@@ -77,6 +141,31 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="list the cells, rounds and run counts, run nothing")
     ap.add_argument("--no-progress", action="store_true")
     return ap
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llm_scale export",
+                                 description="Write a finished run's final global model as a peft adapter folder "
+                                             "(PeftModel.from_pretrained / AutoPeftModelForSequenceClassification "
+                                             "load it; config.json holds the labels).")
+    ap.add_argument("source", type=Path, metavar="RUN_OR_CHECKPOINT",
+                    help="the run's --checkpoint-dir, or its run JSON (which names the checkpoint directory)")
+    ap.add_argument("--out", type=Path, required=True, help="the adapter folder to write")
+    ap.add_argument("--data", type=Path, metavar="PATH",
+                    help="where the run's data file is now, if it moved (its content hash must match)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _export(argv) -> int:
+    from .export import export_run
+
+    args = build_export_parser().parse_args(argv)
+    folder, rec = export_run(args.source, args.out, data_path=args.data, progress=not args.no_progress)
+    labels = rec.get("labels") or {}
+    print(f"{rec['method']} {rec['model']} {rec['task']}, {rec['rounds_done']} rounds, "
+          f"{len(labels.get('names', ()))} labels -> {folder}")
+    return 0
 
 
 def _sweep(argv) -> int:
@@ -107,10 +196,11 @@ def main(argv=None) -> int:
     from .data import DataError
     from .models import ModelError
 
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sweep"]:
+    if argv[:1] in (["sweep"], ["export"]):
         try:
-            return _sweep(argv[1:])
+            return (_sweep if argv[0] == "sweep" else _export)(argv[1:])
         except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -118,6 +208,7 @@ def main(argv=None) -> int:
     try:
         flags = {"method": args.method, "clients": args.clients, "rank": args.rank, "seed": args.seed}
         overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
+        overrides.update(_shortcuts(args, args.config, overrides))
         if args.quick:
             return _quick(args, overrides)
         if args.resume and args.checkpoint_dir is None:
@@ -136,11 +227,16 @@ def main(argv=None) -> int:
 
 
 def _report(rec: dict, out: Path) -> None:
-    acc = rec["final_test_accuracy"]
+    acc, base = rec["final_test_accuracy"], rec.get("majority_class_test_accuracy")
     acc_s = f"{acc:.4f}" if acc is not None else f"none (diverged: {rec['diverged']})"
+    if base is not None:
+        acc_s += f" (always {rec['labels']['majority_class']!r}: {base:.4f})"
+    rate = rec["client_steps_per_minute"]
+    here = rec.get("client_steps_this_process", rec["client_steps"])
+    speed = f"{rate:.0f}/min" if rate is not None else "none ran here: the checkpoint was finished"
     print(f"{rec['method']} {rec['model']} {rec['task']} {rec['clients']} clients r{rec['rank']} seed {rec['seed']}: "
-          f"test accuracy {acc_s}, {rec['client_steps']} client-steps in {rec['train_seconds']:.0f} s "
-          f"({rec['client_steps_per_minute'] or 0:.0f}/min), peak {rec['peak_rss_mib']:.0f} MiB -> {out}")
+          f"test accuracy {acc_s}, {rec['client_steps']} client-steps, {here} in this process in "
+          f"{rec['train_seconds']:.0f} s ({speed}), peak {rec['peak_rss_mib']:.0f} MiB -> {out}")
 
 
 def _quick(args, overrides) -> int:

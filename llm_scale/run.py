@@ -3,11 +3,15 @@ global adapter exported with peft's ``save_pretrained``."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fedlora.checkpoint import atomic_write_json
@@ -21,7 +25,7 @@ from .data import relative_source
 from .engine import Federation
 from .export import export_global
 
-__all__ = ["run", "fed_config", "run_filename", "peak_rss_mib", "dp_record"]
+__all__ = ["run", "fed_config", "run_filename", "peak_rss_mib", "dp_record", "data_digest", "labels_record"]
 
 
 def fed_config(cfg: LLMConfig, num_clients: int) -> FedConfig:
@@ -31,10 +35,41 @@ def fed_config(cfg: LLMConfig, num_clients: int) -> FedConfig:
 
 
 def run_filename(cfg: LLMConfig) -> str:
+    """``<method>_<model>_<task>_..._seed<seed>.json``; with a data file also ``_<file stem>-<hash>``, the
+    hash (8 hex) over the file's content and how it is read (columns, label map, max_length), so runs on
+    two files (or two readings of one) never share a name. The shipped tweets keep the plain name."""
     model = Path(cfg.model).name
     dp = "" if cfg.dp_epsilon is None else f"_eps{cfg.dp_epsilon:g}"
     return (f"{cfg.method}_{model}_{cfg.task}_{cfg.partition}_c{cfg.clients}_r{cfg.rank}_s{cfg.local_steps}"
-            f"{dp}_lr{cfg.lr:g}_seed{cfg.seed}.json")
+            f"{dp}_lr{cfg.lr:g}_seed{cfg.seed}{_data_tag(cfg)}.json")
+
+
+def _data_tag(cfg: LLMConfig) -> str:
+    if not cfg.data_path:
+        return ""
+    path = Path(cfg.data_path).expanduser()
+    reading = [data_digest(path), cfg.text_column, cfg.text_b_column, cfg.label_column, cfg.label_map,
+               cfg.commonsense_task, str(cfg.max_length)]
+    return f"_{path.stem}-{hashlib.sha256(chr(0).join(reading).encode()).hexdigest()[:8]}"
+
+
+def data_digest(path) -> str:
+    """sha256 of a data file's content; of a folder (GLUE TSVs), over its files' relative paths and contents."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _digest(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: Path, mtime_ns: int, size: int) -> str:  # keyed on mtime and size: a rewritten file rehashes
+    from fedlora.checkpoint import file_sha256
+
+    if not path.is_dir():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
 
 
 def dp_record(cfg: LLMConfig, fed: Federation, history: list[dict]) -> Optional[dict]:
@@ -72,12 +107,53 @@ NOT_RESULT_SHAPING = ("threads", "eval_every", "eval_splits")
 def run_fingerprint(cfg: LLMConfig, fed: Federation) -> dict:
     """Everything that shapes a run: the whole config but ``NOT_RESULT_SHAPING``, the data file's content
     hash (or the shipped corpus's name and version), and the model's identity (never a machine path)."""
-    from fedlora.checkpoint import file_sha256
-
     config = {k: portable_path(v) if k in ("model", "data_path") else v
               for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_SHAPING}
-    data = {"sha256": file_sha256(Path(cfg.data_path))} if cfg.data_path else {"source": fed.splits.summary().get("source")}
+    data = {"sha256": data_digest(cfg.data_path)} if cfg.data_path else {"source": fed.splits.summary().get("source")}
     return {"tier": "llm_scale", "config": config, "data": data, "model": fed.spec.source}
+
+
+def _class_counts(ds) -> dict:
+    counts = np.bincount(ds.labels, minlength=len(ds.label_names))
+    return {name: int(n) for name, n in zip(ds.label_names, counts)}
+
+
+def labels_record(splits) -> Optional[dict]:
+    """The classes (index order), their counts per split, and the majority-class baseline: the most
+    frequent training class, always predicted, scored on the test split (``None`` for multiple choice)."""
+    train = splits.train
+    if not hasattr(train, "label_names"):
+        return None
+    per_split = {name: _class_counts(ds) for name, ds in (("train", train), ("test", splits.test),
+                                                          ("val", splits.val)) if ds is not None}
+    majority = int(np.argmax(np.bincount(train.labels, minlength=len(train.label_names))))
+    test = splits.test.labels
+    return {"names": list(train.label_names), "class_counts": per_split,
+            "majority_class": train.label_names[majority],
+            "majority_class_test_accuracy": float((test == majority).mean()) if test.size else None}
+
+
+def _truncation(fed: Federation) -> dict:
+    """Measured once per Federation (a sweep shares one across runs); warns on stderr when it cuts > 5%."""
+    summary = getattr(fed, "truncation", None)
+    if summary is None:
+        from .truncation import truncation_summary, truncation_warning
+
+        summary = truncation_summary(fed.tokenizer, fed.splits, kind=fed.cfg.kind, max_length=fed.cfg.max_length)
+        fed.truncation = summary
+        line = truncation_warning(summary)
+        if line:
+            print(line, file=sys.stderr)
+    return summary
+
+
+def _counting(local_train, rounds_here: set):
+    """``local_train`` that notes each round it trains in this process (a resumed run skips the others)."""
+    def train(task):
+        rounds_here.add(task.round)
+        return local_train(task)
+
+    return train
 
 
 def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[Path] = None, resume: bool = False,
@@ -86,13 +162,16 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
     """Train ``cfg`` and return (and, with ``out``, write) its record."""
     t0 = time.perf_counter()
     fed = federation if federation is not None else Federation(cfg, progress=progress)
+    truncation = _truncation(fed)
     setup_s = time.perf_counter() - t0
+    rounds_here: set = set()
     ranks, scales = fed.client_ranks()
     fcfg = fed_config(cfg, fed.num_clients)
     diverged, hist, state = None, [], None
     t1 = time.perf_counter()
     try:
-        res = run_federated(fcfg, init=fed.init_state(), local_train=fed.local_train, evaluate=fed.evaluate,
+        res = run_federated(fcfg, init=fed.init_state(), local_train=_counting(fed.local_train, rounds_here),
+                            evaluate=fed.evaluate,
                             client_ranks=ranks, client_scales=scales, on_round_start=fed.on_round_start,
                             checkpoint_dir=checkpoint_dir, resume=resume, stop_after=stop_after, progress=progress,
                             local_optimizers=("default", "galore"),
@@ -104,7 +183,10 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
     train_s = time.perf_counter() - t1
     evals = [h for h in hist if "eval" in h]
     last = evals[-1]["eval"] if evals else {}
-    steps = sum(len(h["clients"]) for h in hist) * (cfg.local_steps * (cfg.clients if cfg.method == CENTRALISED else 1))
+    per_client = cfg.local_steps * (cfg.clients if cfg.method == CENTRALISED else 1)
+    steps = sum(len(h["clients"]) for h in hist) * per_client
+    steps_here = sum(len(h["clients"]) for h in hist if h["round"] in rounds_here) * per_client
+    labels = labels_record(fed.splits)
     exported = None
     if export_dir is not None and state is not None:
         exported = relative_source(export_global(fed, state, Path(export_dir)))
@@ -112,7 +194,9 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "method": cfg.method, "model": fed.spec.source, "model_family": fed.spec.family, "task": cfg.task,
         "clients": fed.num_clients, "partition": cfg.partition, "rank": cfg.rank, "seed": cfg.seed, "lr": cfg.lr,
         "rounds_done": len(hist), "complete": len(hist) == cfg.rounds or diverged is not None, "diverged": diverged,
-        "final_test_accuracy": last.get("test_accuracy"), "final_val_accuracy": last.get("val_accuracy"),
+        "final_test_accuracy": last.get("test_accuracy"),
+        "majority_class_test_accuracy": labels["majority_class_test_accuracy"] if labels else None,
+        "final_val_accuracy": last.get("val_accuracy"), "labels": labels, "truncation": truncation,
         "config": {k: portable_path(v) if k in ("model", "data_path") else v for k, v in dataclasses.asdict(cfg).items()},
         "data": fed.splits.summary(),
         "partition_summary": {k: v for k, v in getattr(fed, "partition_summary", {}).items() if k != "label_histogram"},
@@ -125,12 +209,15 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "total_downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
         "uplink_bytes": sum(h["total_uplink_bytes"] for h in hist),  # the whole run, all clients
         "downlink_bytes": sum(h["total_downlink_bytes"] for h in hist),
-        "client_steps": steps, "client_steps_per_minute": 60 * steps / train_s if train_s > 0 else None,
+        # the speed counts only the rounds this process trained: a resumed run's earlier rounds ran elsewhere
+        "client_steps": steps, "client_steps_this_process": steps_here,
+        "client_steps_per_minute": 60 * steps_here / train_s if rounds_here and train_s > 0 else None,
         "dp_epsilon": cfg.dp_epsilon, "dp": dp_record(cfg, fed, hist),
         "frozen_layer_cache": fed.cache is not None,
         "cache_mib": fed.cache.nbytes() / 2**20 if fed.cache is not None else 0.0,
         "peak_rss_mib": peak_rss_mib(), "setup_seconds": setup_s, "train_seconds": train_s,
         "wall_seconds": time.perf_counter() - t0, "exported_adapter": exported,
+        "checkpoint_dir": relative_source(checkpoint_dir) if checkpoint_dir is not None else None,
         "device": str(fed.device), "torch_threads": torch.get_num_threads(),
         **provenance(), **(extra or {}),
     }

@@ -63,7 +63,7 @@ def load_splits(cfg: LLMConfig) -> Splits:
         train, test = load_tweets(test_fraction=cfg.test_fraction, seed=seed)
     elif cfg.task == "table":
         full = load_table(path, text_column=cfg.text_column, label_column=cfg.label_column,
-                          text_b_column=cfg.text_b_column or None)
+                          text_b_column=cfg.text_b_column or None, label_map=cfg.label_map)
         train, test = stratified_split(full, fraction=cfg.test_fraction, seed=seed)
     elif cfg.task.startswith("glue-"):
         train, test = load_glue(cfg.task[len("glue-"):], data_dir=path)

@@ -119,11 +119,12 @@ def test_load_table_csv_string_labels_sorted(tmp_path):
 
 
 def test_load_table_tsv_int_labels_and_jsonl_pairs(tmp_path):
+    """Integer labels are class names (issue 21): the values present, in numeric order, no empty classes."""
     tsv = _write(tmp_path / "t.tsv", _tsv(("text", "label"), ("a", "2"), ("b", "0"), ("c", "2")))
     ds = load_table(tsv, text_column="text", label_column="label")
-    assert ds.labels.tolist() == [2, 0, 2] and ds.label_names == ("0", "1", "2")
-    named = load_table(tsv, text_column="text", label_column="label", label_names=("bad", "ok", "good"))
-    assert named.label_names == ("bad", "ok", "good") and named.labels.tolist() == [2, 0, 2]
+    assert ds.labels.tolist() == [1, 0, 1] and ds.label_names == ("0", "2")
+    named = load_table(tsv, text_column="text", label_column="label", label_names=("2", "1", "0"))
+    assert named.label_names == ("2", "1", "0") and named.labels.tolist() == [0, 2, 0]
     jl = _write(tmp_path / "p.jsonl", _jsonl({"q": "is it?", "a": "yes it is", "y": "same"}, {},
                                              {"q": "why?", "a": "no", "y": "diff"}).replace("{}\n", "\n"))
     pairs = load_table(jl, text_column="q", text_b_column="a", label_column="y", label_names=("same", "diff"))
@@ -137,7 +138,7 @@ def test_load_table_tsv_int_labels_and_jsonl_pairs(tmp_path):
     ("a.csv", "text,label\nx,pos\ny,pos\n", {}, r"only one class \('pos'\)"),
     ("a.jsonl", '{"text": "x", "label": 0}\n{"text": "y", label: 1}\n', {}, r"line 2: not valid JSON"),
     ("a.jsonl", '{"text": "x", "label": 0}\n{"txt": "y", "label": 1}\n', {}, r"line 2.*'text'.*\['label', 'txt'\]"),
-    ("a.csv", "text,label\nx,0\ny,5\n", {"label_names": ("n", "p")}, r"label 5 but only 2 label_names"),
+    ("a.csv", "text,label\nx,0\ny,5\n", {"label_names": ("0", "1")}, r"labels \['5'\] are not in label_names"),
     ("a.xlsx", "text,label\n", {}, r"use \.csv, \.tsv or \.jsonl"),
 ])
 def test_load_table_errors_name_the_detail(tmp_path, name, body, kwargs, message):
@@ -224,7 +225,7 @@ def test_load_glue_errors(glue_dir, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"'sentence1'; found columns \['index', 'premise', 'hypothesis', 'label'\]"):
         load_glue("rte", data_dir=glue_dir)
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
-    with pytest.raises(DataError, match=r"--data-dir.*pip install datasets"):
+    with pytest.raises(DataError, match=r"--data DIR.*pip install datasets"):
         load_glue("sst2")
 
 
