@@ -206,9 +206,7 @@ def main(argv=None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     try:
-        flags = {"method": args.method, "clients": args.clients, "rank": args.rank, "seed": args.seed}
-        overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
-        overrides.update(_shortcuts(args, args.config, overrides))
+        overrides = cli_overrides(args)
         if args.quick:
             return _quick(args, overrides)
         if args.resume and args.checkpoint_dir is None:
@@ -224,6 +222,14 @@ def main(argv=None) -> int:
         return 2
     _report(rec, out)
     return 0
+
+
+def cli_overrides(args) -> dict:
+    """The config overrides of a parsed command line: ``--set``, then the flags (flags win)."""
+    flags = {"method": args.method, "clients": args.clients, "rank": args.rank, "seed": args.seed}
+    overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    overrides.update(_shortcuts(args, args.config, overrides))
+    return overrides
 
 
 def _report(rec: dict, out: Path) -> None:

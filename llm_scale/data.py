@@ -363,8 +363,9 @@ def load_table(path, *, text_column: str, label_column: str, text_b_column: Opti
     no_label = [line for (line, _), v in zip(rows, raw) if not v]
     if no_label:
         shown = ", ".join(map(str, no_label[:5])) + (", ..." if len(no_label) > 5 else "")
-        raise DataError(f"{path.name}: {len(no_label)} rows with an empty {label_column!r} label (line "
-                        f"{shown}); fill them in or delete those rows")
+        n, s = len(no_label), "s" if len(no_label) > 1 else ""
+        raise DataError(f"{path.name}: {n} row{s} with an empty {label_column!r} label (line{s} {shown}); fill "
+                        f"{'them' if s else 'it'} in or delete {'those rows' if s else 'the row'}")
     labels, names = _encode_labels(raw, label_names=label_names, label_map=label_map, where=path.name)
     present = np.unique(labels)
     if present.size < 2:
