@@ -102,13 +102,16 @@ def peak_rss_mib() -> float:
 
 # Settings that cannot change a run's numbers: a resume may change them (fedlora.loop.resume_run).
 NOT_RESULT_SHAPING = ("threads", "eval_every", "eval_splits")
+# Keys added after fingerprints began, left out at their default: checkpoints written before them still resume.
+LATER_KEYS = {"label_map": ""}
 
 
 def run_fingerprint(cfg: LLMConfig, fed: Federation) -> dict:
     """Everything that shapes a run: the whole config but ``NOT_RESULT_SHAPING``, the data file's content
     hash (or the shipped corpus's name and version), and the model's identity (never a machine path)."""
     config = {k: portable_path(v) if k in ("model", "data_path") else v
-              for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RESULT_SHAPING}
+              for k, v in dataclasses.asdict(cfg).items()
+              if k not in NOT_RESULT_SHAPING and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     data = {"sha256": data_digest(cfg.data_path)} if cfg.data_path else {"source": fed.splits.summary().get("source")}
     return {"tier": "llm_scale", "config": config, "data": data, "model": fed.spec.source}
 

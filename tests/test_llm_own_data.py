@@ -229,6 +229,12 @@ def test_export_refuses_an_unfinished_run_and_a_record_without_checkpoints(tmp_p
     run(cfg, checkpoint_dir=tmp_path / "ck", stop_after=1, progress=False)
     with pytest.raises(ConfigError, match=r"stopped after round 1 of 3: finish it first .*--resume"):
         export_run(tmp_path / "ck", tmp_path / "adapter")
+    # label_map shapes the run: a resume with one is refused; unset, it is left out of the fingerprint, so
+    # checkpoints written before the key existed still resume
+    with pytest.raises(ConfigError, match=r"config.label_map: '\(absent\)' -> '1-4:neg,5-6:mid,7-10:pos'"):
+        run(dataclasses.replace(cfg, label_map=STARS), checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    fingerprint = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())["fingerprint"]
+    assert "label_map" not in fingerprint["config"] and "label_column" in fingerprint["config"]
     rec = tmp_path / "rec.json"
     rec.write_text(json.dumps({"checkpoint_dir": None}))
     with pytest.raises(ConfigError, match=r"records no checkpoint .*--export DIR"):
