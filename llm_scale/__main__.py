@@ -163,8 +163,8 @@ def _export(argv) -> int:
     args = build_export_parser().parse_args(argv)
     folder, rec = export_run(args.source, args.out, data_path=args.data, progress=not args.no_progress)
     labels = rec.get("labels") or {}
-    print(f"{rec['method']} {rec['model']} {rec['task']}, {rec['rounds_done']} rounds, "
-          f"{len(labels.get('names', ()))} labels -> {folder}")
+    print(f"{rec['method']} {rec['model']} {rec['task']}, rounds done: {rec['rounds_done']}, "
+          f"labels: {', '.join(labels.get('names', ())) or '(none)'} -> {folder}")
     return 0
 
 

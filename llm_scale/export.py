@@ -85,6 +85,7 @@ def export_global(fed, state: Mapping, folder: Path) -> Path:
     r = max(ranks.values())
     pcfg = replace(fed.lora_config, r=r, lora_alpha=r, use_rslora=False, lora_dropout=0.0,
                    rank_pattern={n: q for n, q in ranks.items()}, alpha_pattern={n: q for n, q in ranks.items()},
+                   base_model_name_or_path=None,  # get_peft_model sets the portable name (base.name_or_path)
                    task_type="CAUSAL_LM" if cfg.kind == "causal" else "SEQ_CLS",  # SEQ_CLS saves classifier/score
                    modules_to_save=[m for m in fed.lora_config.modules_to_save or () if m not in SEQ_CLS_HEADS] or None)
     model = get_peft_model(base, pcfg)
