@@ -145,3 +145,14 @@ def test_bench_arms_train_on_the_same_batches(table):
     a = one._batches(task(0), one.parts[0])
     b = [x for c in range(S) for x in many._batches(task(c), many.parts[c])]
     assert len(a) == len(b) == S and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_reproduce_summary_prints_each_steps_wall_and_cpu_time(tmp_path, monkeypatch, capsys):
+    from fedlora import reproduce
+
+    monkeypatch.setattr(reproduce, "STEPS", [("tiny", "json.tool", ["json.tool", "--help"])])
+    assert reproduce.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("tiny"))
+    assert "ok" in line and line.rstrip().endswith("s") and "CPU" in line
+    assert "all steps" in out
