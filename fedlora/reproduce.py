@@ -29,17 +29,18 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or _missing(module):
-            summary.append((name, "not landed yet, skipped", 0.0))
+            summary.append((name, "not landed yet, skipped", 0.0, 0.0))
             continue
         print(f"\n=== {name}: python -m {' '.join(cmd).format(out=args.out)}", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         rc = subprocess.call([sys.executable, "-m"] + [c.format(out=args.out) for c in cmd])
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, _children_cpu() - c0
         failed |= rc != 0
-        summary.append((name, "ok" if rc == 0 else f"FAILED (exit {rc})", dt))
-    print("\n=== reproduce summary")
-    for name, status, dt in summary:
-        print(f"  {name:10s} {status:28s} {dt:7.1f} s")
+        summary.append((name, "ok" if rc == 0 else f"FAILED (exit {rc})", dt, cpu))
+    print("\n=== reproduce summary (wall time; CPU time, which a busy machine does not inflate)")
+    for name, status, dt, cpu in summary:
+        print(f"  {name:10s} {status:28s} {dt:7.1f} s   CPU {cpu:7.1f} s")
+    print(f"  {'all steps':10s} {'':28s} {sum(s[2] for s in summary):7.1f} s   CPU {sum(s[3] for s in summary):7.1f} s")
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     print(f"  {len(files)} files under {args.out}/:")
     by_dir: dict = {}
@@ -53,6 +54,14 @@ def main(argv=None) -> int:
             kinds = ", ".join(sorted({p.suffix for p in ps}))
             print(f"    {d}/  ({len(ps)} files: {kinds})")
     return 1 if failed else 0
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _missing(module: str) -> bool:

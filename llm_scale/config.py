@@ -79,7 +79,9 @@ class LLMConfig:
     # --- compute -----------------------------------------------------------------------------------
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int = 1  # torch threads on CPU: 1 is fastest for these small ops on a shared 2-core machine
-    bf16: bool = False  # bf16 autocast for the forward/backward (weights and factors stay float32)
+    dtype: str = "float32"  # compute: "float32", "bfloat16" (autocast; weights, factors, optimizer stay float32) or
+    #                         "auto" = bf16 where the hardware has it natively (CPU flags amx_bf16 / avx512_bf16, a
+    #                         bf16 GPU), float32 elsewhere (llm_scale/hardware.py); the record says what it resolved to
     cache_frozen_layers: bool = True  # classification with LoRA only in top layers: cache the frozen layers' output once
     length_grouped: bool = True  # batch rows of similar length together (less padding, same data per step)
 
@@ -113,6 +115,8 @@ class LLMConfig:
             bad(f"optimizer={self.optimizer!r}; use 'sgd' or 'adamw'")
         if self.device not in ("auto", "cpu", "cuda"):
             bad(f"device={self.device!r}; use auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            bad(f"dtype={self.dtype!r}; use auto (bf16 where the hardware has it), float32 or bfloat16")
         for name in ("rank", "clients", "rounds", "local_steps", "batch_size", "threads", "max_length", "eval_every"):
             if getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)}; must be >= 1")

@@ -28,6 +28,7 @@ from .bridge import AdapterBridge, lora_scale
 from .cache import CausalLayerCache, FrozenLayerCache, cache_eligible
 from .commonsense import MultipleChoice
 from .config import CENTRALISED, LLMConfig
+from .hardware import resolve_dtype
 from .models import load_model
 from .tasks import Splits, load_splits
 
@@ -59,6 +60,7 @@ class Federation:
         if cfg.threads and not torch.cuda.is_available():
             torch.set_num_threads(cfg.threads)
         self.device = pick_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device.type)  # "float32" | "bfloat16": what autocast runs
         self.splits = splits if splits is not None else load_splits(cfg)
         self.multiple_choice = isinstance(self.splits.train, MultipleChoice)
         num_labels = None if cfg.kind == "causal" else len(self.splits.train.label_names)
@@ -87,7 +89,8 @@ class Federation:
                                      f"block {min(cfg.layers)}: build a new one")
                 self.cache = cache.for_model(self.model.get_base_model())
             if self.cache is None:
-                self._build_cache(progress)
+                with self._autocast():  # the cached rows are what the uncached forward computes
+                    self._build_cache(progress)
 
     # what a sweep may change between runs on one Federation; anything else (seed, model, data,
     # adapted modules, head) needs a new one
@@ -239,7 +242,7 @@ class Federation:
 
     # ---- one client ----------------------------------------------------------------------------------
     def _autocast(self):
-        if not self.cfg.bf16:
+        if self.dtype != "bfloat16":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 

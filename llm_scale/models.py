@@ -235,13 +235,19 @@ def _build_tiny(source: str, *, kind: str, num_labels: Optional[int], seed: int,
     tok = _tokenizer(_minilm_dir(), kind)
     tok.eos_token = tok.eos_token or tok.sep_token  # BERT's vocabulary has no eos; [SEP] ends a text
     cls_name, fields = _TINY[source]
-    config = getattr(transformers, cls_name)(**fields)
+    cls = getattr(transformers, cls_name)
+    default, vocab, overrides = cls(**fields), len(tok), {}
     for key, value in (tiny or {}).items():
-        if key == "vocab_size" or not hasattr(config, key):
-            raise ModelError(f"tiny override {key!r} is not a {cls_name} field that can change (vocab_size is "
-                             f"the shared tokenizer's, {len(tok)}); remove it from `tiny`")
-        setattr(config, key, value)
-    config.vocab_size = len(tok)
+        if key == "vocab_size" and isinstance(value, int) and value >= len(tok):
+            vocab = value  # a published vocabulary (the full-shape checks): the shared tokenizer's ids fit in it
+            continue
+        if key == "vocab_size" or not hasattr(default, key):
+            raise ModelError(f"tiny override {key!r} is not a {cls_name} field that can change (vocab_size may "
+                             f"only grow past the shared tokenizer's {len(tok)}); remove it from `tiny`")
+        overrides[key] = value
+    # built from all its fields at once: derived ones (Llama's head_dim = hidden / heads) follow the overrides
+    config = cls(**{**fields, **overrides}) if overrides else default
+    config.vocab_size = vocab
     config.pad_token_id, config.bos_token_id, config.eos_token_id = tok.pad_token_id, tok.cls_token_id, tok.eos_token_id
     if config.model_type != "bert":  # only BERT embeds token types; llama would reject them as inputs
         tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]

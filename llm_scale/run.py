@@ -24,6 +24,7 @@ from .config import CENTRALISED, LLMConfig
 from .data import relative_source
 from .engine import Federation
 from .export import export_global
+from .hardware import capability
 
 __all__ = ["run", "fed_config", "run_filename", "peak_rss_mib", "dp_record", "data_digest", "labels_record"]
 
@@ -113,7 +114,8 @@ def run_fingerprint(cfg: LLMConfig, fed: Federation) -> dict:
               for k, v in dataclasses.asdict(cfg).items()
               if k not in NOT_RESULT_SHAPING and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     data = {"sha256": data_digest(cfg.data_path)} if cfg.data_path else {"source": fed.splits.summary().get("source")}
-    return {"tier": "llm_scale", "config": config, "data": data, "model": fed.spec.source}
+    return {"tier": "llm_scale", "config": config, "data": data, "model": fed.spec.source,
+            "dtype": fed.dtype}  # resolved: dtype="auto" is bf16 on one machine and float32 on another
 
 
 def _class_counts(ds) -> dict:
@@ -222,6 +224,7 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "wall_seconds": time.perf_counter() - t0, "exported_adapter": exported,
         "checkpoint_dir": relative_source(checkpoint_dir) if checkpoint_dir is not None else None,
         "device": str(fed.device), "torch_threads": torch.get_num_threads(),
+        "dtype": fed.dtype, "hardware": capability(fed.device.type),
         **provenance(), **(extra or {}),
     }
     if out is not None:

@@ -106,7 +106,10 @@ class Sweep:
 
 
 # The scaling study's model, data and budget (MiniLM, LoRA on the top block, 4,800 training tweets).
-_SCALING_BASE = dict(layers=[5], batch_size=8, train_subset=4800, val_fraction=0.05, test_subset=1000, split_seed=0)
+# Every preset pins its dtype (float32, as the committed studies ran): the configs' "auto" would make
+# the cells of one study bf16 on one machine and float32 on another.
+_SCALING_BASE = dict(layers=[5], batch_size=8, train_subset=4800, val_fraction=0.05, test_subset=1000, split_seed=0,
+                     dtype="float32")
 _EXTEND_FAR = (1e-3, 5e-4, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1, 2.56e-1)  # the scaling grid's, then ×2 up to 0.256
 
 PRESETS = {
@@ -138,7 +141,7 @@ PRESETS = {
                     partitions=("iid",), ranks=(2,), total_steps=240, local_steps=2, lr_grid=(1e-3, 4e-3),
                     lr_extend=(2.5e-4, 1.6e-2), tune_cell=(20, "iid"), config="cpu-smollm-tweets",
                     base=dict(layers=[29], batch_size=4, train_subset=960, val_fraction=0.05, test_subset=150,
-                              split_seed=0)),
+                              split_seed=0, dtype="float32")),
     # Sample-level DP-SGD in each client's local training (issue 11; README "Differential privacy"): MiniLM
     # on the tweets as in `scaling`, 3 IID clients (FFA-LoRA's DP experiments use few), rank 8, per-client
     # ε ∈ {no DP, 8, 3, 1} at δ = 1e-5, C = 1, Poisson batches; lr tuned per (rule, ε). 300 client-steps of
@@ -153,13 +156,14 @@ PRESETS = {
                 epsilons=(None, 8.0, 3.0, 1.0), total_steps=300, local_steps=2, tune_cell=(3, "iid"),
                 lr_extend=(1e-3, 5e-4, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1, 2.56e-1), centralised=False,
                 base=dict(layers=[5], batch_size=16, train_subset=4800, val_fraction=0.05, test_subset=1000,
-                          split_seed=0, dp_delta=1e-5, dp_max_grad_norm=1.0, dp_sampling="poisson")),
+                          split_seed=0, dp_delta=1e-5, dp_max_grad_norm=1.0, dp_sampling="poisson",
+                          dtype="float32")),
     # Minutes, same code path: two rules, two client counts, two seeds, a tiny budget.
     "quick": Sweep(name="quick", methods=("fedavg", "rolora"), clients=(3, 6), partitions=("iid",), ranks=(2,),
                    seeds=(0, 1), total_steps=36, local_steps=2, lr_grid=(2e-3, 4e-3), lr_extend=(),
                    tune_cell=(3, "iid"),
                    base=dict(layers=[5], batch_size=8, train_subset=288, val_fraction=0.05, test_subset=300,
-                             split_seed=0)),
+                             split_seed=0, dtype="float32")),
 }
 
 
@@ -211,7 +215,7 @@ _STATE: dict = {}  # per process: data key -> (splits, cache); (data key, seed) 
 
 def _data_key(cfg: LLMConfig) -> tuple:
     keep = ("model", "kind", "task", "data_path", "max_length", "test_fraction", "val_fraction", "train_subset",
-            "test_subset", "layers", "targets", "split_seed", "cache_frozen_layers", "head", "lora_alpha")
+            "test_subset", "layers", "targets", "split_seed", "cache_frozen_layers", "head", "lora_alpha", "dtype")
     return tuple(getattr(cfg, k) for k in keep)
 
 
@@ -230,14 +234,49 @@ def _federation(cfg: LLMConfig):
     return fed
 
 
+def record_dtype(rec: dict) -> str:
+    """The compute dtype a run record was made with (records from before ``dtype`` existed say
+    ``bf16`` in their config)."""
+    return rec.get("dtype") or ("bfloat16" if (rec.get("config") or {}).get("bf16") else "float32")
+
+
+def resolved_dtype(cfg: LLMConfig) -> str:
+    from .engine import pick_device
+    from .hardware import resolve_dtype
+
+    return resolve_dtype(cfg.dtype, pick_device(cfg.device).type)
+
+
+def check_dtype(rec: dict, cfg: LLMConfig, path) -> None:
+    """A sweep resumes only in the dtype its finished runs used: the cells of one study must compute alike."""
+    from fedlora.config import ConfigError
+
+    old, new = record_dtype(rec), resolved_dtype(cfg)
+    if old != new:
+        raise ConfigError(f"{path} was computed in {old}, this sweep would compute in {new} (dtype={cfg.dtype!r}): "
+                          f"resume it with dtype={old!r} or write to another --out")
+
+
+def _check_existing(sweep: Sweep, out: Path) -> None:
+    """Before any work: every finished run of this sweep's folder in the dtype this sweep resolves to."""
+    cell = next(iter(sweep.cells()))
+    cfg = sweep.config_for(*cell[:4], lr=sweep.lr_grid[0], seed=sweep.seeds[0], role="eval", dp_epsilon=cell[4])
+    for path in sorted((Path(out) / "llm_scale" / sweep.name).rglob("*.json")):
+        rec = _load(path)
+        if rec is not None and "method" in rec and "config" in rec:
+            check_dtype(rec, cfg, path)
+
+
 def _work(job: dict) -> dict:
     """Run one config (a dict of LLMConfig fields) unless its complete JSON exists; a short summary back."""
     from .run import run
 
     path = Path(job["path"])
     rec = _load(path)
-    if rec is None:
-        cfg = LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
+    cfg = LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
+    if rec is not None:
+        check_dtype(rec, cfg, path)
+    else:
         rec = run(cfg, out=path, federation=_federation(cfg), progress=False, extra=job["extra"])
     return {"path": str(path), "val": rec.get("final_val_accuracy"), "test": rec.get("final_test_accuracy"),
             "diverged": rec.get("diverged"), "wall": rec.get("wall_seconds", 0.0)}
@@ -401,6 +440,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
     # Every record names the code the workers loaded at the start, not whatever HEAD is when it is
     # written (a sweep runs for hours; edits meanwhile do not reach the running workers).
     code = git_commit()
+    _check_existing(sweep, out)
     pool = _Pool(jobs, tiny=tiny)
     try:
         bar = tqdm(total=0, desc=f"sweep {sweep.name}", disable=not progress)

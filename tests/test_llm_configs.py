@@ -84,7 +84,7 @@ def test_roberta_configs_follow_the_rolora_setting(name):
     assert cfg.targets == ("query", "value") and cfg.rank == 2 and cfg.clients == 3
     assert cfg.batch_size == (64 if cfg.task == "glue-sst2" else 32)
     assert (cfg.local_steps, cfg.optimizer, cfg.partition, cfg.max_length) == (20, "sgd", "shards", 128)
-    assert 5e-4 <= cfg.lr <= 1e-1 and cfg.rounds > 0 and cfg.bf16 and cfg.data_path
+    assert 5e-4 <= cfg.lr <= 1e-1 and cfg.rounds > 0 and cfg.dtype == "bfloat16" and cfg.data_path
 
 
 @pytest.mark.parametrize("name", ROBERTA)
