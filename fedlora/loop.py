@@ -148,8 +148,13 @@ def _chain_start(view: State, prev: Params, trains: str) -> dict:
 
 
 def _weighted_metrics(metrics: Sequence[Mapping[str, float]], p: Tensor) -> dict[str, float]:
-    keys = set().union(*metrics) if metrics else set()
-    return {k: float(sum(float(pk) * m[k] for m, pk in zip(metrics, p) if k in m)) for k in sorted(keys)}
+    """Per metric, the weighted mean over the clients that report it (weights renormalised over them)."""
+    out = {}
+    for k in sorted(set().union(*metrics) if metrics else set()):
+        pk = [(float(w), float(m[k])) for m, w in zip(metrics, p) if k in m]
+        total = sum(w for w, _ in pk)
+        out[k] = sum(w * v for w, v in pk) / total if total > 0 else sum(v for _, v in pk) / len(pk)
+    return out
 
 
 def _weight(res: ClientResult, cfg: FedConfig, client: int) -> float:

@@ -12,9 +12,11 @@ runs ``mutmut run --max-children 1`` there with the core's own fast tests, then 
 
 Suites: ``core`` = ``fedlora/aggregators/*.py`` (the reference oracle excluded), ``fedlora/linalg.py``,
 ``fedlora/validation.py`` (the ``[tool.mutmut]`` section of pyproject.toml); ``loop`` = ``fedlora/loop.py``
-and ``fedlora/checkpoint.py`` with the same tests.
+and ``fedlora/checkpoint.py`` with the same tests plus ``tests/test_checkpoint_units.py``,
+``tests/test_averaging_error.py`` and ``tests/test_loop_gaps.py``. ``--reclassify`` only looks the reasons up
+again in the committed ``surviving.md`` (when the last run's ``.mutation/`` is gone).
 
-    python tools/mutation_report.py [--suite core|loop|all] [--keep] [--report-only]
+    python tools/mutation_report.py [--suite core|loop|all] [--keep] [--report-only | --reclassify]
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def suites() -> dict[str, dict]:
     core = base_config()
     loop = dict(core, only_mutate=["fedlora/loop.py", "fedlora/checkpoint.py"], do_not_mutate=[],
                 pytest_add_cli_args_test_selection=core["pytest_add_cli_args_test_selection"]
-                + ["tests/test_checkpoint_units.py", "tests/test_averaging_error.py"])
+                + ["tests/test_checkpoint_units.py", "tests/test_averaging_error.py",
+                   "tests/test_loop_gaps.py"])
     return {"core": core, "loop": loop}
 
 
@@ -127,6 +130,16 @@ def signature(name: str, diff: str) -> str:
     return f"{func}: {rm} => {add}"
 
 
+HEAD = ("# Surviving mutants\n\nWritten by `make mutation` (tools/mutation_report.py). Each survivor of the "
+        "last run, its diff and why it stays: *equivalent* (no input tells it from the original), "
+        "*message wording* (only an error message's text changes), *storage only* (a dtype, copy or "
+        "layout no caller can observe through the API), *unreachable* (a guard the validated input never "
+        "trips), *killed since* (a test added after the recorded run kills it; the next run drops it), *gone "
+        "since* (the mutated code was rewritten after the run) or "
+        "*UNCLASSIFIED* (not reviewed yet). Reasons live in tools/mutation_reasons.json, keyed by function and "
+        "changed line.\n\n")
+
+
 def report(suite_results: dict, diffs: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     jpath = OUT / "mutation.json"
@@ -167,21 +180,44 @@ def report(suite_results: dict, diffs: dict) -> None:
         summary = ", ".join(f"{v} {k}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
         lines.insert(1, f"Survivors by reason: {summary or 'none'}.\n")
         sections[suite] = "\n".join(lines) + "\n"
-    head = ("# Surviving mutants\n\nWritten by `make mutation` (tools/mutation_report.py). Each survivor of the "
-            "last run, its diff and why it stays: *equivalent* (no input tells it from the original), "
-            "*message wording* (only an error message's text changes), *storage only* (a dtype, copy or "
-            "layout no caller can observe through the API), *unreachable* (a guard the validated input never "
-            "trips), *killed since* (a test added after the recorded run kills it; the next run drops it) or "
-            "*UNCLASSIFIED* (not reviewed yet). Reasons live in tools/mutation_reasons.json, keyed by function and "
-            "changed line.\n\n")
-    mpath.write_text(head + "".join(f"## suite {s}\n{sections[s]}" for s in sorted(sections)))
+    mpath.write_text(HEAD + "".join(f"## suite {s}\n{sections[s]}" for s in sorted(sections)))
+
+
+ITEM = re.compile(r"(?ms)^- `(\S+)` \(([^)]*)\): \*\*(.*?)\*\*\n\n```diff\n(.*?)\n```\n")
+
+
+def reclassify() -> None:
+    """Look every survivor's reason up again in the committed surviving.md (names, outcomes, diffs): for
+    reasons added after a run whose ``.mutation/`` is gone. The counts and the survivors stay the last run's."""
+    reasons = json.loads(REASONS.read_text())
+    mpath = OUT / "surviving.md"
+    out = []
+    for suite, body in re.findall(r"(?ms)^## suite (\S+)\n(.*?)(?=^## suite |\Z)", mpath.read_text()):
+        by_reason = defaultdict(int)
+
+        def sub(m: re.Match) -> str:
+            why = reasons.get(signature(m.group(1), m.group(4)), "UNCLASSIFIED")
+            by_reason[why.split(":")[0]] += 1
+            return f"- `{m.group(1)}` ({m.group(2)}): **{why}**\n\n```diff\n{m.group(4)}\n```\n"
+
+        body = ITEM.sub(sub, body)
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+        body = re.sub(r"(?m)^Survivors by reason: .*$", lambda _: f"Survivors by reason: {summary or 'none'}.", body,
+                      count=1)
+        out.append(f"## suite {suite}\n{body}")
+    mpath.write_text(HEAD + "".join(out))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=["core", "loop", "all"], default="all")
     ap.add_argument("--report-only", action="store_true", help="re-read the last run in .mutation/, no new run")
+    ap.add_argument("--reclassify", action="store_true",
+                    help="only look the reasons up again in the committed surviving.md (no run, no .mutation/)")
     args = ap.parse_args()
+    if args.reclassify:
+        reclassify()
+        return
     names = ["core", "loop"] if args.suite == "all" else [args.suite]
     results, diffs = {}, {}
     for suite in names:
