@@ -37,6 +37,7 @@ from .seeding import derive_seed, generator
 from .validation import UpdateError, normalize_weights, validate_dense, validate_updates
 
 __all__ = ["ClientTask", "ClientResult", "RunResult", "run_federated", "sample_clients", "client_view", "make_task",
+           "client_round_seed",
            "RoundServer", "round_record", "save_round", "resume_run"]
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,16 @@ def client_view(rule: Rule, state: State, *, client: int, round_: int, seed: int
     return out
 
 
+def client_round_seed(seed: int, round_: int, client: int) -> int:
+    """The seed of client ``client``'s draws in round ``round_`` (``ClientTask.seed``)."""
+    return derive_seed(seed, "client", round_, client)
+
+
 def make_task(rule: Rule, cfg: FedConfig, state: State, *, client: int, round_: int, rank: Optional[int],
               scale: Optional[float], local: Mapping[str, Tensor]) -> ClientTask:
     """Client ``client``'s task in round ``round_``: its own view of the global and its seeded draws."""
     return ClientTask(client=client, round=round_, trains=rule.trains(round_),
-                      seed=derive_seed(cfg.seed, "client", round_, client),
+                      seed=client_round_seed(cfg.seed, round_, client),
                       local_optimizer=rule.local_optimizer, local=local,
                       start=client_view(rule, state, client=client, round_=round_, seed=cfg.seed, rank=rank, scale=scale))
 

@@ -68,8 +68,10 @@ def encode_choices(tokenizer, contexts: Sequence[str], choices: Sequence[Sequenc
 
 
 def batch_plan(rows: np.ndarray, *, steps: int, batch_size: int, seed: int, lengths: Optional[np.ndarray] = None,
-               group: int = 8) -> list[np.ndarray]:
-    """``steps`` batches of row indices from a stream of seeded permutations of ``rows``.
+               group: int = 8, stream: Optional[np.ndarray] = None) -> list[np.ndarray]:
+    """``steps`` batches of row indices from a stream of seeded permutations of ``rows`` (fresh ones
+    drawn from ``seed``), or from ``stream`` when given (its first ``steps × batch`` rows: a client's
+    persistent stream, ``fedlora.streams``).
 
     With ``lengths`` (length grouping), each window of ``group`` batches is sorted by length before it
     is cut, and the window's batches are shuffled: similar lengths share a batch (less padding) while
@@ -78,7 +80,11 @@ def batch_plan(rows: np.ndarray, *, steps: int, batch_size: int, seed: int, leng
     rng = np.random.default_rng(seed)
     b = min(batch_size, len(rows))
     need = steps * b
-    stream = np.concatenate([rng.permutation(rows) for _ in range(-(-need // len(rows)))])[:need]
+    if stream is None:
+        stream = np.concatenate([rng.permutation(rows) for _ in range(-(-need // len(rows)))])
+    elif len(stream) < need:
+        raise ValueError(f"a stream of {len(stream)} rows cannot fill {steps} batches of {b}")
+    stream = stream[:need]
     batches = [stream[i * b:(i + 1) * b] for i in range(steps)]
     if lengths is None:
         return batches

@@ -59,6 +59,11 @@ class LLMConfig:
     clients_per_round: float = 1.0  # a fraction in (0, 1] or a whole count
     local_steps: int = 20  # mini-batch steps per client per round (the papers' 20)
     batch_size: int = 16
+    data_stream: str = "persistent"  # "persistent": each client walks its own seeded permutations epoch by epoch,
+    #                                   going on where its last round stopped (fedlora/streams.py), so every row
+    #                                   is seen ⌊T/n⌋ or ⌈T/n⌉ times; "round": a fresh permutation every
+    #                                   client-round (what the committed 2-step studies ran: some rows 2-3 times,
+    #                                   a third never)
     optimizer: str = "adamw"  # "sgd" (the RoBERTa settings) or "adamw"; state is fresh every round
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -111,6 +116,9 @@ class LLMConfig:
                 "head='federated' (or 'local'); with a frozen head (or none) nothing would train")
         if self.partition not in ("iid", "dirichlet", "shards"):
             bad(f"partition={self.partition!r}; use iid, dirichlet or shards")
+        if self.data_stream not in ("persistent", "round"):
+            bad(f"data_stream={self.data_stream!r}; use 'persistent' (each client's rows epoch by epoch across "
+                "rounds) or 'round' (a fresh permutation every client-round)")
         if self.optimizer not in ("sgd", "adamw"):
             bad(f"optimizer={self.optimizer!r}; use 'sgd' or 'adamw'")
         if self.device not in ("auto", "cpu", "cuda"):

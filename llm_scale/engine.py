@@ -21,6 +21,7 @@ from fedlora.dp import DPPlan, plan as dp_plan, poisson_batches
 from fedlora.loop import ClientResult, ClientTask
 from fedlora.partition import make_partition
 from fedlora.seeding import derive_seed, generator
+from fedlora.streams import prior_participations, seen_counts, seen_summary, stream_rows
 
 from .batches import (Encoded, batch_plan, choice_logprob, collate_choices, collate_classification,
                       encode_choices, encode_classification, PROMPT_SUFFIX)
@@ -98,7 +99,7 @@ class Federation:
                                 "clients_per_round", "local_steps", "batch_size", "lr", "rank", "client_ranks",
                                 "eval_every", "eval_splits", "optimizer", "weight_decay", "galore_rank",
                                 "galore_update_proj_gap", "galore_scale", "galore_proj_type", "dp_epsilon", "dp_delta",
-                                "dp_max_grad_norm", "dp_sampling"})
+                                "dp_max_grad_norm", "dp_sampling", "data_stream"})
 
     def reconfigure(self, cfg: LLMConfig) -> "Federation":
         """Point this Federation at another run of the same seed, model and data (other rule, clients,
@@ -115,6 +116,7 @@ class Federation:
         self.parts = self._partition()
         self._plan_dp()
         self.local_heads = {}
+        self._schedule = None
         return self
 
     # ---- data ------------------------------------------------------------------------------------
@@ -188,13 +190,55 @@ class Federation:
     def _batches(self, task: ClientTask, rows: np.ndarray) -> list[np.ndarray]:
         """The client-round's batches of training rows: Poisson batches under DP with
         ``dp_sampling="poisson"`` (each row in each step w.p. ``q``, from a seed of the task's), else the
-        plain run's seeded shuffled, length-grouped batches."""
+        plain run's length-grouped batches, read from the client's persistent stream
+        (``data_stream="persistent"``) or from a fresh permutation of its rows (``"round"``)."""
+        return self.plan_rows(task.client, task.round, task.seed, rows)
+
+    def plan_rows(self, client: int, round_: int, seed: int, rows: np.ndarray) -> list[np.ndarray]:
+        """What ``_batches`` reads for client ``client`` in round ``round_`` (``seed`` = the task's),
+        computed from the config alone: a resumed run reads the same rows, and ``rows_seen`` replays it."""
         cfg = self.cfg
         if self.dp_plans is not None and cfg.dp_sampling == "poisson":
-            q = self.dp_plans[task.client].sample_rate
-            picks = poisson_batches(len(rows), q, self._steps(), seed=derive_seed(task.seed, "dp-batches"))
+            q = self.dp_plans[client].sample_rate
+            picks = poisson_batches(len(rows), q, self._steps(), seed=derive_seed(seed, "dp-batches"))
             return [rows[i] for i in picks]
-        return batch_plan(rows, steps=self._steps(), batch_size=cfg.batch_size, seed=task.seed, lengths=self.lengths)
+        stream = None
+        if cfg.data_stream == "persistent":
+            per_round = self._steps() * min(cfg.batch_size, len(rows))
+            start = per_round * prior_participations(self.schedule(), client, round_)
+            stream = stream_rows(rows, seed=cfg.seed, client=client, start=start, count=per_round)
+        return batch_plan(rows, steps=self._steps(), batch_size=cfg.batch_size, seed=seed, lengths=self.lengths,
+                          stream=stream)
+
+    def schedule(self) -> list[list[int]]:
+        """The clients of every round, as the loop samples them (seeded by the config)."""
+        if getattr(self, "_schedule", None) is None:
+            from fedlora.loop import sample_clients
+
+            from .run import fed_config
+
+            fcfg = fed_config(self.cfg, self.num_clients)
+            self._schedule = [sample_clients(fcfg, t) for t in range(self.cfg.rounds)]
+        return self._schedule
+
+    def rows_seen(self, history: list[dict]) -> dict:
+        """How often each client read each of its rows over the client-rounds of ``history`` (every
+        scheduled client, kept or rejected: a rejected client still trained), replayed from the config,
+        so a resumed run counts the rounds before the interruption too. Per client and over all."""
+        from fedlora.loop import client_round_seed
+
+        sched = self.schedule()
+        per_client, total = [], []
+        for c, rows in enumerate(self.parts):
+            plans = [self.plan_rows(c, h["round"], client_round_seed(self.cfg.seed, h["round"], c), rows)
+                     for h in history if c in sched[h["round"]]]
+            pos = {int(r): i for i, r in enumerate(rows)}
+            counts = seen_counts(len(rows), ([np.array([pos[int(r)] for r in b], dtype=np.int64) for b in plan]
+                                             for plan in plans))
+            per_client.append(seen_summary(counts))
+            total.append(counts)
+        summary = seen_summary(np.concatenate(total)) if total else seen_summary(np.zeros(0, dtype=np.int64))
+        return {"stream": self.cfg.data_stream, "all": summary, "per_client": per_client}
 
     def _private(self, opt, task: ClientTask):
         """The DP-SGD context of one client-round (a no-op without DP)."""

@@ -104,7 +104,7 @@ def peak_rss_mib() -> float:
 # Settings that cannot change a run's numbers: a resume may change them (fedlora.loop.resume_run).
 NOT_RESULT_SHAPING = ("threads", "eval_every", "eval_splits")
 # Keys added after fingerprints began, left out at their default: checkpoints written before them still resume.
-LATER_KEYS = {"label_map": ""}
+LATER_KEYS = {"label_map": "", "data_stream": "round"}  # "round": how runs read rows before the key
 
 
 def run_fingerprint(cfg: LLMConfig, fed: Federation) -> dict:
@@ -206,6 +206,7 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "data": fed.splits.summary(),
         "partition_summary": {k: v for k, v in getattr(fed, "partition_summary", {}).items() if k != "label_histogram"},
         "client_samples": [int(len(p)) for p in fed.parts],
+        "rows_seen": fed.rows_seen(hist),  # reads per row, per client and over all (replayed: resume-proof)
         "rounds": [{"round": h["round"], "trains": h["trains"], "clients": h["clients"],
                     "train_loss": h["train"].get("train_loss"), **h.get("eval", {}),
                     "uplink_bytes": h["uplink_bytes"], "downlink_bytes": h["downlink_bytes"],

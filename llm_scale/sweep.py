@@ -107,9 +107,12 @@ class Sweep:
 
 # The scaling study's model, data and budget (MiniLM, LoRA on the top block, 4,800 training tweets).
 # Every preset pins its dtype (float32, as the committed studies ran): the configs' "auto" would make
-# the cells of one study bf16 on one machine and float32 on another.
+# the cells of one study bf16 on one machine and float32 on another. The presets of the committed studies
+# also pin data_stream="round" (a fresh permutation per client-round, as they ran): a resumed sweep must
+# not mix two readings of the data.
+_ROUND = dict(dtype="float32", data_stream="round")
 _SCALING_BASE = dict(layers=[5], batch_size=8, train_subset=4800, val_fraction=0.05, test_subset=1000, split_seed=0,
-                     dtype="float32")
+                     **_ROUND)
 _EXTEND_FAR = (1e-3, 5e-4, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1, 2.56e-1)  # the scaling grid's, then ×2 up to 0.256
 
 PRESETS = {
@@ -141,7 +144,7 @@ PRESETS = {
                     partitions=("iid",), ranks=(2,), total_steps=240, local_steps=2, lr_grid=(1e-3, 4e-3),
                     lr_extend=(2.5e-4, 1.6e-2), tune_cell=(20, "iid"), config="cpu-smollm-tweets",
                     base=dict(layers=[29], batch_size=4, train_subset=960, val_fraction=0.05, test_subset=150,
-                              split_seed=0, dtype="float32")),
+                              split_seed=0, **_ROUND)),
     # Sample-level DP-SGD in each client's local training (issue 11; README "Differential privacy"): MiniLM
     # on the tweets as in `scaling`, 3 IID clients (FFA-LoRA's DP experiments use few), rank 8, per-client
     # ε ∈ {no DP, 8, 3, 1} at δ = 1e-5, C = 1, Poisson batches; lr tuned per (rule, ε). 300 client-steps of
@@ -157,13 +160,13 @@ PRESETS = {
                 lr_extend=(1e-3, 5e-4, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1, 2.56e-1), centralised=False,
                 base=dict(layers=[5], batch_size=16, train_subset=4800, val_fraction=0.05, test_subset=1000,
                           split_seed=0, dp_delta=1e-5, dp_max_grad_norm=1.0, dp_sampling="poisson",
-                          dtype="float32")),
+                          **_ROUND)),
     # Minutes, same code path: two rules, two client counts, two seeds, a tiny budget.
     "quick": Sweep(name="quick", methods=("fedavg", "rolora"), clients=(3, 6), partitions=("iid",), ranks=(2,),
                    seeds=(0, 1), total_steps=36, local_steps=2, lr_grid=(2e-3, 4e-3), lr_extend=(),
                    tune_cell=(3, "iid"),
                    base=dict(layers=[5], batch_size=8, train_subset=288, val_fraction=0.05, test_subset=300,
-                             split_seed=0, dtype="float32")),
+                             split_seed=0, **_ROUND)),
 }
 
 
@@ -257,14 +260,27 @@ def check_dtype(rec: dict, cfg: LLMConfig, path) -> None:
                           f"resume it with dtype={old!r} or write to another --out")
 
 
+def check_stream(rec: dict, cfg: LLMConfig, path) -> None:
+    """A sweep resumes only with the reading of the data its finished runs used (records from before
+    ``data_stream`` existed read a fresh permutation every client-round: ``"round"``)."""
+    from fedlora.config import ConfigError
+
+    old = (rec.get("config") or {}).get("data_stream", "round")
+    if old != cfg.data_stream:
+        raise ConfigError(f"{path} read its rows with data_stream={old!r}, this sweep would use {cfg.data_stream!r}: "
+                          f"resume it with data_stream={old!r} or write to another --out")
+
+
 def _check_existing(sweep: Sweep, out: Path) -> None:
-    """Before any work: every finished run of this sweep's folder in the dtype this sweep resolves to."""
+    """Before any work: every finished run of this sweep's folder in the dtype and the data reading this
+    sweep resolves to."""
     cell = next(iter(sweep.cells()))
     cfg = sweep.config_for(*cell[:4], lr=sweep.lr_grid[0], seed=sweep.seeds[0], role="eval", dp_epsilon=cell[4])
     for path in sorted((Path(out) / "llm_scale" / sweep.name).rglob("*.json")):
         rec = _load(path)
         if rec is not None and "method" in rec and "config" in rec:
             check_dtype(rec, cfg, path)
+            check_stream(rec, cfg, path)
 
 
 def _work(job: dict) -> dict:
@@ -276,6 +292,7 @@ def _work(job: dict) -> dict:
     cfg = LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
     if rec is not None:
         check_dtype(rec, cfg, path)
+        check_stream(rec, cfg, path)
     else:
         rec = run(cfg, out=path, federation=_federation(cfg), progress=False, extra=job["extra"])
     return {"path": str(path), "val": rec.get("final_val_accuracy"), "test": rec.get("final_test_accuracy"),
