@@ -10,9 +10,10 @@ shards of one training set, IID or Dirichlet label skew) and the same client-ste
 (``total_steps = clients × rounds × local_steps``), so more clients means fewer rounds.
 
 Two phases. **Tune**: for every (rule, rank) the learning rate is chosen on one cell (``tune_cell``:
-clients and partition) and one seed never evaluated (``tune_seed``), by final accuracy on a
-validation split held out of training (the test rows are never used to choose); the grid grows past
-an edge while the best lr sits there (``lr_extend``). **Eval**: every (rule, clients, partition, rank)
+clients and partition) and seeds never evaluated (``tune_seeds``; by default the one ``tune_seed``),
+by mean final accuracy on a validation split held out of training (the test rows are never used to
+choose); the grid grows past an edge while the best lr sits there (``lr_extend``, or ``lr_factor``).
+The rule is the toy's, in one place: ``fedlora.tuning``. **Eval**: every (rule, clients, partition, rank)
 cell at its tuned lr for every seed, scored on the test rows. One JSON per run (``role`` = ``"tune"``
 or ``"eval"``); a run whose complete JSON exists is skipped, so an interrupted sweep resumes by
 re-running the same command.
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from fedlora.checkpoint import atomic_write_json
+from fedlora.tuning import LrSearch, score, tune_step
 
 from .config import CENTRALISED, LLMConfig, load_config
 
@@ -57,12 +59,28 @@ class Sweep:
     local_steps: int = 2  # per client per round; rounds = total_steps / (clients × local_steps)
     lr_grid: tuple[float, ...] = (2e-3, 4e-3, 8e-3)  # AdamW; the start of the grid, the same for every rule
     lr_extend: tuple[float, ...] = (1e-3, 5e-4, 1.6e-2, 3.2e-2)  # tried in turn while the best lr sits at that edge
-    tune_seed: int = 100  # never an evaluation seed
+    tune_seed: int = 100  # never an evaluation seed; the tuning seed when ``tune_seeds`` is empty
+    tune_seeds: tuple[int, ...] = ()  # several: the lr with the best mean over them wins (empty = (tune_seed,))
+    lr_factor: Optional[float] = None  # instead of lr_extend: grow the grid by this factor while the best is at an edge
+    lr_bounds: tuple[float, float] = (1e-5, 1.0)  # lr_factor never goes past these (AdamW)
     tune_cell: tuple[int, str] = (20, "iid")  # (clients, partition) where each (rule, rank) is tuned
     centralised: bool = True  # one client with all the rows and all the steps: the ceiling of every rule
     epsilons: tuple[Optional[float], ...] = (None,)  # per-client DP targets (None = no DP); (None,) = no privacy axis
     config: str = "cpu-minilm-tweets"
     base: dict = dataclasses.field(default_factory=dict)  # LLMConfig fields for every run
+
+    def __post_init__(self) -> None:
+        self.lr_search  # a nonsensical grid raises now, not hours into the sweep
+
+    @property
+    def lr_search(self) -> LrSearch:
+        """The lr search every (rule, rank) of this sweep runs (``fedlora.tuning``)."""
+        return LrSearch(self.lr_grid, self.lr_extend, self.lr_factor, self.lr_bounds)
+
+    @property
+    def tuning_seeds(self) -> tuple[int, ...]:
+        """The seeds the lr is tuned on: ``tune_seeds``, or the one ``tune_seed`` (the committed studies)."""
+        return tuple(self.tune_seeds) or (self.tune_seed,)
 
     def rounds(self, clients: int) -> int:
         per_round = clients * self.local_steps
@@ -367,52 +385,74 @@ def _tune_keys(sweep: Sweep, methods: Optional[Iterable[str]]) -> list[tuple]:
 
 
 def tune_grid_runs(sweep: Sweep, out: Path, key: tuple, done: dict[float, float]) -> tuple[list[float], Optional[float]]:
-    """The lrs still to run for ``key`` given ``done`` (lr -> val accuracy, -1 when diverged), and the
-    chosen lr once the best is interior or the extensions are used up (ties go to the smaller lr)."""
-    grid = sorted(sweep.lr_grid)
-    if len(grid) == 1 and not sweep.lr_extend:
-        return [], grid[0]
-    lo = sorted((x for x in sweep.lr_extend if x < grid[0]), reverse=True)
-    hi = sorted(x for x in sweep.lr_extend if x > grid[-1])
-    while True:
-        todo = [lr for lr in grid if lr not in done]
-        if todo:
-            return todo, None
-        best = max(grid, key=lambda lr: (done[lr], -lr))
-        if best == grid[0] and lo:
-            grid.insert(0, lo.pop(0))
-        elif best == grid[-1] and hi:
-            grid.append(hi.pop(0))
-        else:
-            return [], best
+    """The one-seed view of ``fedlora.tuning.tune_step`` (kept for its callers): the lrs still to run
+    given ``done`` (lr -> val accuracy, -1 when diverged), and the chosen lr once there are none."""
+    if len(sweep.tuning_seeds) != 1:
+        raise ValueError(f"tune_grid_runs takes one accuracy per lr, but sweep {sweep.name!r} tunes on seeds "
+                         f"{list(sweep.tuning_seeds)}: use fedlora.tuning.tune_step")
+    seed = sweep.tuning_seeds[0]
+    step = tune_step(sweep.lr_search, (seed,), {lr: {seed: acc} for lr, acc in done.items()})
+    return [lr for lr, _ in step.todo], step.chosen
+
+
+def _seed_fields(sweep: Sweep) -> dict:
+    """How records name the tuning seeds: ``tune_seed`` with one (as the committed studies), else ``tune_seeds``."""
+    seeds = sweep.tuning_seeds
+    return {"tune_seed": seeds[0]} if len(seeds) == 1 else {"tune_seeds": list(seeds)}
+
+
+def _record_table(sweep: Sweep, table: dict) -> dict:
+    """The tuning table as records carry it: ``{lr: val accuracy}`` with one tuning seed (the committed
+    studies' format), the toy's ``{lr: {"mean_val_accuracy", "val_accuracy": {seed: acc}}}`` with several."""
+    if len(sweep.tuning_seeds) > 1:
+        return table
+    seed = str(sweep.tuning_seeds[0])
+    return {lr: row["val_accuracy"][seed] for lr, row in table.items()}
+
+
+def _tune_jobs(sweep: Sweep, out: Path, keys: list[tuple], done: dict, chosen: dict) -> tuple[list[dict], dict]:
+    """The tuning runs still needed across ``keys`` (every (lr, seed) the search asks for), and which
+    (key, lr, seed) each run's path belongs to; keys whose search has ended go into ``chosen``."""
+    jobs, owner = [], {}
+    for k in keys:
+        if k in chosen:
+            continue
+        step = tune_step(sweep.lr_search, sweep.tuning_seeds, done[k])
+        if not step.todo:
+            chosen[k] = (step.chosen, _record_table(sweep, step.table))
+        for lr, seed in step.todo:
+            j = _job(out, sweep, k, lr=lr, seed=seed, role="tune", extra={})
+            jobs.append(j)
+            owner[j["path"]] = (k, lr, seed)
+    return jobs, owner
 
 
 def _tune(sweep: Sweep, out: Path, pool: _Pool, keys: list[tuple], bar, code: Optional[str]) -> dict[tuple, tuple[float, dict]]:
-    done: dict[tuple, dict[float, float]] = {k: {} for k in keys}
+    """Tune every key at once, so the pool always has every run the searches need next; returns
+    key -> (chosen lr, the tuning table as records carry it)."""
+    done: dict[tuple, dict[float, dict[int, float]]] = {k: {} for k in keys}
     chosen: dict[tuple, tuple[float, dict]] = {}
+    several = len(sweep.tuning_seeds) > 1
     while True:
-        jobs, owner = [], {}
-        for k in keys:
-            if k in chosen:
-                continue
-            todo, best = tune_grid_runs(sweep, out, k, done[k])
-            if best is not None:
-                chosen[k] = (best, {f"{lr:g}": acc for lr, acc in sorted(done[k].items())})
-                continue
-            for lr in todo:
-                j = _job(out, sweep, k, lr=lr, seed=sweep.tune_seed, role="tune", extra={})
-                jobs.append(j)
-                owner[j["path"]] = (k, lr)
+        jobs, owner = _tune_jobs(sweep, out, keys, done, chosen)
         if not jobs:
             return chosen
         bar.total = (bar.total or 0) + len(jobs)
         bar.refresh()
         for res in pool.map(_stamp(jobs, code)):
-            k, lr = owner[res["path"]]
-            acc = res["val"]
-            done[k][lr] = acc if acc is not None and acc == acc and not res["diverged"] else -1.0
+            k, lr, seed = owner[res["path"]]
+            acc = score(res["val"], diverged=res["diverged"])
+            done[k].setdefault(lr, {})[seed] = acc
             bar.update(1)
-            bar.set_postfix_str(f"tune {_key_label(sweep, k)} lr={lr:g}: val {done[k][lr]:.3f}")
+            bar.set_postfix_str(f"tune {_key_label(sweep, k)} lr={lr:g}{f' seed {seed}' if several else ''}: "
+                                f"val {acc:.3f}")
+
+
+def _grid_fields(sweep: Sweep) -> dict:
+    """The lrs the search may try, as eval records name them (``lr_factor`` and ``lr_bounds`` only when set)."""
+    if sweep.lr_factor is None:
+        return {"lr_grid": sorted(set(sweep.lr_grid) | set(sweep.lr_extend))}
+    return {"lr_grid": sorted(sweep.lr_grid), "lr_factor": sweep.lr_factor, "lr_bounds": list(sweep.lr_bounds)}
 
 
 def eval_runs(sweep: Sweep, out: Path, chosen: dict, methods: Optional[Iterable[str]] = None,
@@ -425,8 +465,7 @@ def eval_runs(sweep: Sweep, out: Path, chosen: dict, methods: Optional[Iterable[
         lr, table = chosen[k]
         for seed in seeds or sweep.seeds:
             jobs.append(_job(out, sweep, cell, lr=lr, seed=seed, role="eval",
-                             extra={"lr_grid": sorted(set(sweep.lr_grid) | set(sweep.lr_extend)),
-                                    "tune_seed": sweep.tune_seed, "tune_val_accuracy": table,
+                             extra={**_grid_fields(sweep), **_seed_fields(sweep), "tune_val_accuracy": table,
                                     "lr_tuned_at": {"clients": k[1], "partition": k[2], "rank": k[3],
                                                     **({"dp_epsilon": k[4]} if sweep.private else {})}}))
     return jobs
@@ -448,7 +487,9 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
             privacy = f" {'no DP' if c[4] is None else f'ε={c[4]:g}':>5}" if sweep.private else ""
             print(f"{c[0]:>13} {c[2]:>9} {c[1]:>3} clients r{c[3]}{privacy}: {rounds} rounds × "
                   f"{sweep.total_steps if c[0] == CENTRALISED else sweep.local_steps} steps, {n_seeds} seeds")
-        print(f"{len(keys)} tuning cells (≥ {len(sweep.lr_grid)} lrs each), {len(cells) * n_seeds} eval runs, "
+        n_tune = len(sweep.tuning_seeds)
+        print(f"{len(keys)} tuning cells (≥ {len(sweep.lr_grid)} lrs × {n_tune} tuning seed{'s' * (n_tune > 1)} each), "
+              f"{len(cells) * n_seeds} eval runs, "
               f"{sweep.total_steps} client-steps each")
         return []
     from fedlora.provenance import git_commit
@@ -466,7 +507,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
         atomic_write_json(Path(out) / "llm_scale" / sweep.name / "tuning.json",
                           {"sweep": sweep.name, "tuned_at": {"clients": sweep.tune_cell[0],
                                                              "partition": sweep.tune_cell[1]},
-                           "tune_seed": sweep.tune_seed, "chosen": table})
+                           **_seed_fields(sweep), "chosen": table})
         ejobs = eval_runs(sweep, out, chosen, methods, seeds)
         bar.total += len(ejobs)
         bar.refresh()

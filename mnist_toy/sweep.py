@@ -23,6 +23,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from fedlora.checkpoint import atomic_write_json
+from fedlora.tuning import LrSearch, score, tune_step
 
 from .config import CENTRALISED, ToyConfig
 from .data import Mnist
@@ -94,6 +95,7 @@ class Sweep:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", tuple(Setting.of(x) for x in self.settings))
+        self.lr_search  # a nonsensical grid raises now, not hours into the sweep
         if self.total_client_steps is not None:
             for w in self.works:
                 for st in list(self.settings) + [Setting(self.centralised_clients)]:
@@ -107,6 +109,11 @@ class Sweep:
             raise ValueError(f"total_client_steps={self.total_client_steps} is not a whole number of rounds of "
                              f"{clients} clients × {work.local_steps} local steps (epochs cannot be budgeted)")
         return self.total_client_steps // per_round
+
+    @property
+    def lr_search(self) -> LrSearch:
+        """The lr search every cell of this sweep runs (``fedlora.tuning``)."""
+        return LrSearch(self.lr_grid, self.lr_extend, self.lr_factor, self.lr_bounds)
 
     def tune_setting(self, setting: Optional[Setting]) -> Optional[Setting]:
         """Where the lr used for ``setting`` is tuned (None: centralised, tuned on itself)."""
@@ -213,49 +220,21 @@ def _run_or_load(cfg: ToyConfig, path: Path, data: Mnist, extra: dict) -> dict:
     return run(cfg, data=data, out=path, progress=False, extra=extra)
 
 
-def _next_lr(sweep: Sweep, grid: list[float], best: float, tried: list[float]) -> Optional[float]:
-    """The lr to add when ``best`` sits at an edge of ``grid`` (None: it is interior, or nothing is left)."""
-    if sweep.lr_factor:
-        lo, hi = sweep.lr_bounds
-        if best == grid[0] and grid[0] / sweep.lr_factor >= lo:
-            return grid[0] / sweep.lr_factor
-        if best == grid[-1] and grid[-1] * sweep.lr_factor <= hi:
-            return grid[-1] * sweep.lr_factor
-        return None
-    lower = sorted((x for x in sweep.lr_extend if x < grid[0] and x not in tried), reverse=True)
-    upper = sorted(x for x in sweep.lr_extend if x > grid[-1] and x not in tried)
-    if best == grid[0] and lower:
-        return lower[0]
-    if best == grid[-1] and upper:
-        return upper[0]
-    return None
-
-
 def _tune(sweep: Sweep, probe: ToyConfig, where: Path, data: Mnist) -> tuple[float, dict]:
-    """The lr with the best mean final validation accuracy over ``tune_seeds``; a diverged run counts
-    as -1. While the best sits at an edge of the grid, the grid grows one step past it (``lr_factor``
-    or ``lr_extend``). Ties go to the smaller lr. Returns the lr and the whole tuning table."""
-    grid = sorted(sweep.lr_grid)
-    if len(grid) == 1 and not sweep.lr_extend and not sweep.lr_factor:  # a fixed (e.g. published) lr
-        return grid[0], {}
-    table: dict[float, dict[int, float]] = {}
+    """The lr with the best mean final validation accuracy over ``tune_seeds``, by the one rule of
+    ``fedlora.tuning`` (a diverged run scores -1; the grid grows past an edge by ``lr_factor`` or
+    ``lr_extend``; ties go to the smaller lr). Returns the lr and the whole tuning table."""
+    done: dict[float, dict[int, float]] = {}
     while True:
-        for lr in grid:
-            for seed in sweep.tune_seeds:
-                if seed not in table.setdefault(lr, {}):
-                    # Only the final validation accuracy picks the lr: evaluate at the last round only
-                    # (evaluation does not touch training, so the number is the same; ≈ half the time).
-                    cfg = dataclasses.replace(probe, lr=lr, seed=seed, eval_every=probe.rounds)
-                    rec = _run_or_load(cfg, where / run_filename(cfg), data, {"sweep": sweep.name, "role": "tune"})
-                    acc = rec["final_val_accuracy"]
-                    table[lr][seed] = acc if acc is not None and acc == acc else -1.0
-        mean = {lr: sum(v.values()) / len(v) for lr, v in table.items()}
-        best = max(grid, key=lambda lr: (mean[lr], -lr))
-        nxt = _next_lr(sweep, grid, best, list(table))
-        if nxt is None:
-            return best, {f"{lr:g}": {"mean_val_accuracy": mean[lr], "val_accuracy": {str(k): v for k, v in sorted(table[lr].items())}}
-                          for lr in sorted(table)}
-        grid = sorted(grid + [nxt])
+        step = tune_step(sweep.lr_search, sweep.tune_seeds, done)
+        if not step.todo:
+            return step.chosen, step.table
+        for lr, seed in step.todo:
+            # Only the final validation accuracy picks the lr: evaluate at the last round only
+            # (evaluation does not touch training, so the number is the same; ≈ half the time).
+            cfg = dataclasses.replace(probe, lr=lr, seed=seed, eval_every=probe.rounds)
+            rec = _run_or_load(cfg, where / run_filename(cfg), data, {"sweep": sweep.name, "role": "tune"})
+            done.setdefault(lr, {})[seed] = score(rec["final_val_accuracy"])
 
 
 def _eval_seeds(sweep: Sweep, probe: ToyConfig, cell: Path, seeds, lr: float, tuned: dict, data: Mnist, *,

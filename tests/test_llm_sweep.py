@@ -3,6 +3,7 @@ numbers of a fresh one (so a sweep may share one model across runs), the fixed b
 procedure (validation only, grid grows past an edge), resumability, and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -77,6 +78,72 @@ def test_tuning_grid_grows_past_an_edge_and_stops_inside():
     assert todo == [] and best == 1.6e-2  # extensions used up: the edge is kept, and reported as such
     _, best = tune_grid_runs(sw, None, None, {5e-4: .7, 1e-3: .7, 2e-3: .6, 4e-3: .5})
     assert best == 5e-4  # ties go to the smaller lr
+
+
+def _tiny_two_seed_sweep(table, name):
+    return Sweep(name=name, methods=("fedavg",), clients=(2,), partitions=("iid",), ranks=(2,), seeds=(0,),
+                 total_steps=4, local_steps=1, lr_grid=(2e-3, 8e-3), lr_extend=(), tune_seeds=(100, 101),
+                 tune_cell=(2, "iid"), centralised=False, config=None, base=_base(table))
+
+
+def test_two_tuning_seeds_choose_by_the_mean_and_records_carry_both(table, tmp_path, capsys):
+    """tune_seeds=(100, 101) on the tiny model: every lr runs on both seeds, the chosen lr has the best
+    mean of the tuning records (ties to the smaller), and the records carry the toy's table format."""
+    sw = _tiny_two_seed_sweep(table, "tiny2")
+    run_sweep(sw, out=tmp_path, dry_run=True)
+    assert "1 tuning cells (≥ 2 lrs × 2 tuning seeds each)" in capsys.readouterr().out
+    run_sweep(sw, out=tmp_path, tiny=TINY, progress=False)
+    root = tmp_path / "llm_scale" / "tiny2"
+    tunes = [json.loads(p.read_text()) for p in root.rglob("tune/*.json")]
+    assert sorted((r["lr"], r["seed"]) for r in tunes) == [(2e-3, 100), (2e-3, 101), (8e-3, 100), (8e-3, 101)]
+    val = {(r["lr"], r["seed"]): r["final_val_accuracy"] for r in tunes}
+    mean = {lr: (val[(lr, 100)] + val[(lr, 101)]) / 2 for lr in (2e-3, 8e-3)}
+    (rec,) = [json.loads(p.read_text()) for p in root.glob("*/*.json")]
+    assert rec["lr"] == max(sorted(mean), key=lambda lr: mean[lr])
+    assert rec["tune_seeds"] == [100, 101] and "tune_seed" not in rec
+    for lr in (2e-3, 8e-3):
+        row = rec["tune_val_accuracy"][f"{lr:g}"]
+        assert row["val_accuracy"] == {"100": val[(lr, 100)], "101": val[(lr, 101)]}
+        assert row["mean_val_accuracy"] == pytest.approx(mean[lr])
+    tuning = json.loads((root / "tuning.json").read_text())
+    assert tuning["tune_seeds"] == [100, 101] and "tune_seed" not in tuning
+    assert tuning["chosen"] == {"fedavg r2": {"lr": rec["lr"], "val_accuracy": rec["tune_val_accuracy"]}}
+
+
+def test_two_tuning_seeds_outvote_one_lucky_seed(table, tmp_path, monkeypatch):
+    """The sweep's own bookkeeping (jobs per (lr, seed), scores back to their lr): seed 100 alone
+    would pick 2e-3; the mean over 100 and 101 picks 8e-3. Training is replaced by the table."""
+    import llm_scale.sweep as sweep_mod
+
+    vals = {(2e-3, 100): 0.9, (2e-3, 101): 0.2, (8e-3, 100): 0.6, (8e-3, 101): 0.6}
+
+    def fake(job):
+        cfg = job["config"]
+        return {"path": job["path"], "val": vals.get((cfg["lr"], cfg["seed"])), "test": 0.5, "diverged": False,
+                "wall": 0.0}
+
+    monkeypatch.setattr(sweep_mod, "_work", fake)
+    sw = _tiny_two_seed_sweep(table, "tiny2fake")
+    assert sweep_mod._tune(sw, tmp_path, sweep_mod._Pool(1), [("fedavg", 2, "iid", 2, None)], _NoBar(), None) == {
+        ("fedavg", 2, "iid", 2, None): (8e-3, {
+            "0.002": {"mean_val_accuracy": pytest.approx(0.55), "val_accuracy": {"100": 0.9, "101": 0.2}},
+            "0.008": {"mean_val_accuracy": pytest.approx(0.6), "val_accuracy": {"100": 0.6, "101": 0.6}}})}
+    one = dataclasses.replace(sw, tune_seeds=())  # the old behaviour: tune_seed=100 alone, {lr: acc}
+    assert sweep_mod._tune(one, tmp_path, sweep_mod._Pool(1), [("fedavg", 2, "iid", 2, None)], _NoBar(), None) == {
+        ("fedavg", 2, "iid", 2, None): (2e-3, {"0.002": 0.9, "0.008": 0.6})}
+
+
+class _NoBar:
+    total = 0
+
+    def refresh(self):
+        pass
+
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
 
 
 def test_total_budget_is_fixed_and_uneven_rounds_are_refused():
