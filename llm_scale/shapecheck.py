@@ -172,7 +172,10 @@ def _probe(cfg_fields: dict, tiny: dict) -> float:
     """Peak RSS (MiB) of a fresh process that builds the model and runs the round (a worker's job)."""
     import os
 
+    from .quiet import quiet_known_warnings
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_known_warnings()
     torch.set_num_threads(1)
     cfg = LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_fields.items()})
     with _PeakRss() as mem:

@@ -379,6 +379,9 @@ def _init_worker(tiny) -> None:
     torch.set_num_threads(1)
     import transformers
 
+    from .quiet import quiet_known_warnings
+
+    quiet_known_warnings()
     transformers.utils.logging.disable_progress_bar()  # one bar per worker per model load is noise
     _STATE["tiny"] = tiny
 

@@ -260,6 +260,20 @@ def test_known_harmless_warnings_are_silenced_by_their_text_only(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["a bitsandbytes problem worth seeing"]
 
 
+def test_a_sweep_worker_silences_the_same_warnings_as_the_cli(monkeypatch):
+    """Sweep workers are spawned processes: they do not inherit the CLI's filters, so their initializer
+    installs them (the shape check's fresh processes do the same)."""
+    import warnings
+
+    from llm_scale import quiet, sweep
+
+    calls = []
+    monkeypatch.setattr(quiet, "quiet_known_warnings", lambda: calls.append(1))
+    with warnings.catch_warnings():
+        sweep._init_worker(None)
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------- the README's user's guide, end to end
 
 def _base_model_folder(folder: Path) -> Path:
