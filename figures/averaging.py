@@ -170,7 +170,7 @@ def error_runs(results_dir: Path) -> dict:
     out = defaultdict(list)
     for tier, runs in (("mnist", mnist.load_runs(results_dir)), ("llm", llm.load_runs(results_dir))):
         for r in runs:
-            if r.get("role", "eval") == "eval" and has_error(r):
+            if r.get("role", "eval") == "eval" and has_error(r) and "probe" not in r:  # a tool's probe: not a study
                 out[(tier, r.get("sweep") or "runs")].append(r)
     return out
 

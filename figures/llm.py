@@ -106,6 +106,12 @@ def pool_sweeps(runs: list[dict]) -> list[dict]:
     return [dict(r, sweep=POOLED[r["sweep"]]) if r.get("sweep") in POOLED else r for r in runs]
 
 
+def single_runs(runs: list[dict]) -> list[dict]:
+    """The single runs of the quick figures: neither a sweep's nor a probe's (``tools/*``, e.g. the
+    paper-regime plateau probe, which records ``probe``)."""
+    return [r for r in runs if "sweep" not in r and "probe" not in r]
+
+
 def sweep_runs(runs: list[dict], sweep: str) -> list[dict]:
     return [r for r in runs if r.get("sweep") == sweep and r.get("role") == "eval"]
 
@@ -175,7 +181,7 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     runs = load_runs(results_dir)
     if not runs:
         return []
-    single = [r for r in runs if "sweep" not in r]
+    single = single_runs(runs)
     written = []
     if single:
         written += save_figure(plot_accuracy(single, x="round"), out_dir, "llm_accuracy_vs_round")

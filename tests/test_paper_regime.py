@@ -60,3 +60,12 @@ def test_a_scaled_down_paper_regime_runs_end_to_end_with_its_streams_and_tuning(
         assert seen["stream"] == "persistent"
         assert all(s["max_reads"] - s["min_reads"] <= 1 for s in seen["per_client"])
         assert all(r["averaging_error"] is not None for r in rec["rounds"])
+
+
+def test_the_plateau_probe_stays_out_of_the_quick_runs_figures():
+    from figures.llm import single_runs
+
+    quick = {"method": "fedavg", "model_family": "bert"}
+    probe = dict(quick, probe="paper-regime plateau")
+    swept = dict(quick, sweep="paper_regime")
+    assert single_runs([quick, probe, swept]) == [quick]
