@@ -177,6 +177,20 @@ def scaling_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# sweeps that are a local-work axis of another (same clients, budget, tuning rule; other local steps)
+LOCAL_WORK = {"paper_regime": ("paper_regime", "paper_regime_s5", "paper_regime_s2")}
+
+
+def local_work_table(runs: list[dict], sweeps: tuple[str, ...]) -> str:
+    """Markdown: rule × local steps at the client counts run with more than one (the axis), final test
+    accuracy mean ± sample std over seeds, from the eval records of ``sweeps``; "" when there is no axis."""
+    from .mnist import local_work_block
+
+    rs = [dict(r, local_work=f"{r['config']['local_steps']} steps") for s in sweeps for r in sweep_runs(runs, s)
+          if r["method"] != CENTRAL and r.get("final_test_accuracy") is not None]  # a diverged seed is not averaged
+    return local_work_block(rs, order=METHOD_ORDER) if rs else ""
+
+
 def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
     runs = load_runs(results_dir)
     if not runs:
@@ -200,6 +214,12 @@ def make_all(results_dir: Path, out_dir: Path) -> list[Path]:
         if text:
             path = Path(out_dir) / f"llm_{sweep}_drops.md"
             path.write_text(text)
+            written.append(path)
+    for name, sweeps in LOCAL_WORK.items():
+        text = local_work_table(runs, sweeps)
+        if text:
+            path = Path(out_dir) / f"llm_{name}_local_work.md"
+            path.write_text(text + "\n")
             written.append(path)
     return written
 

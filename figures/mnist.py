@@ -380,9 +380,11 @@ def main_work(runs: list[dict]) -> str | None:
     return max(works, key=lambda w: (works[w], -WORK_ORDER(w)[1])) if works else None
 
 
-def local_work_block(runs: list[dict]) -> str:
+def local_work_block(runs: list[dict], order: tuple = ORDER) -> str:
     """Markdown: at each client count run with more than one local work, rule × local work, final test
-    accuracy mean ± sample std (ddof = 1) over seeds (n = seeds), one block per partition."""
+    accuracy mean ± sample std (ddof = 1) over seeds (n = seeds), one block per partition. Records need
+    ``method``, ``clients``, ``partition``, ``local_work`` ("20 steps"), ``rounds_done`` and
+    ``final_test_accuracy`` (the LLM tier maps its records to these; ``order``: the rule order)."""
     fed = [r for r in runs if r["method"] != scaling.CENTRAL]
     lines = []
     for k in sorted({r["clients"] for r in fed}):
@@ -397,7 +399,8 @@ def local_work_block(runs: list[dict]) -> str:
             lines += [f"**Local work at {k} clients, {part}** (client-steps fixed; test accuracy, mean ± std over "
                       "seeds; n = seeds)", "", "| rule | " + " | ".join(f"{w} ({rounds[w]} rounds)" for w in works)
                       + " |", "|---|" + "---|" * len(works)]
-            for m in _methods(here):
+            present = {r["method"] for r in here}
+            for m in [m for m in order if m in present] + sorted(present - set(order)):
                 cells = [g.get((part, w, m)) for w in works]
                 lines.append(f"| {m} | " + " | ".join(f"{_mean_std(r['final_test_accuracy'] for r in c)} (n={len(c)})"
                                                        if c else "—" for c in cells) + " |")

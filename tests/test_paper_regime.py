@@ -69,3 +69,21 @@ def test_the_plateau_probe_stays_out_of_the_quick_runs_figures():
     probe = dict(quick, probe="paper-regime plateau")
     swept = dict(quick, sweep="paper_regime")
     assert single_runs([quick, probe, swept]) == [quick]
+
+
+def test_the_local_work_axis_table_pools_the_axis_sweeps_at_50_clients():
+    from figures.llm import local_work_table
+
+    def rec(sweep, steps, clients, acc, method="fedavg"):
+        return {"sweep": sweep, "role": "eval", "method": method, "clients": clients, "partition": "iid",
+                "rounds_done": 6000 // (clients * steps), "final_test_accuracy": acc,
+                "config": {"local_steps": steps}}
+
+    runs = [rec("paper_regime", 20, 50, 0.60), rec("paper_regime", 20, 50, 0.62), rec("paper_regime", 20, 3, 0.70),
+            rec("paper_regime_s5", 5, 50, 0.64), rec("paper_regime_s5", 5, 50, 0.66),
+            rec("paper_regime_s2", 2, 50, 0.68), rec("paper_regime_s2", 2, 50, None)]  # a diverged seed
+    text = local_work_table(runs, ("paper_regime", "paper_regime_s5", "paper_regime_s2"))
+    assert "Local work at 50 clients, iid" in text and "3 clients" not in text
+    assert "| 2 steps (60 rounds) | 5 steps (24 rounds) | 20 steps (6 rounds) |" in text
+    assert "| fedavg | 0.680 ± – (n=1) | 0.650 ± 0.014 (n=2) | 0.610 ± 0.014 (n=2) |" in text
+    assert local_work_table(runs[:3], ("paper_regime",)) == ""  # one local work: no axis
