@@ -295,8 +295,9 @@ _STATE: dict = {}  # per process: data key -> (splits, cache); (data key, seed) 
 
 
 def _data_key(cfg: LLMConfig) -> tuple:
-    keep = ("model", "kind", "task", "data_path", "max_length", "test_fraction", "val_fraction", "train_subset",
-            "test_subset", "layers", "targets", "split_seed", "cache_frozen_layers", "head", "lora_alpha", "dtype")
+    keep = ("model", "kind", "task", "data_path", "text_column", "text_b_column", "label_column", "label_map",
+            "commonsense_task", "max_length", "test_fraction", "val_fraction", "train_subset", "test_subset", "layers",
+            "targets", "split_seed", "cache_frozen_layers", "head", "lora_alpha", "dtype")  # how the data is read, too
     return tuple(getattr(cfg, k) for k in keep)
 
 

@@ -359,3 +359,17 @@ def test_your_own_data_end_to_end(tmp_path, monkeypatch, capsys):
                  "--out", "runs2", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: reviews.csv: 1 row with an empty 'rating' label (line 92); fill it in or delete the row"
+
+
+def test_a_sweep_shares_data_only_between_runs_that_read_the_file_alike():
+    """The sweep's per-process cache of splits is keyed on how the data is read: another label map or
+    another column is other data, even from the same file."""
+    from llm_scale.config import load_config
+    from llm_scale.sweep import _data_key
+
+    base = dict(task="table", data_path="reviews.csv")
+    key = _data_key(load_config(None, **base))
+    for change in (dict(label_map="1-4:neg,5-10:pos"), dict(text_column="review"), dict(label_column="stars"),
+                   dict(text_b_column="title")):
+        assert _data_key(load_config(None, **base, **change)) != key, change
+    assert _data_key(load_config(None, **base, lr=1e-2, clients=20)) == key  # the schedule is not the data
