@@ -31,7 +31,7 @@ def _run_config(table, tmp, rule, **kw) -> dict:
     rc = {"config": "", "model": "tiny-roberta", "task": "table", "data-path": str(table), "rule": rule,
           "clients": CLIENTS, "rounds": 2, "rank": 4, "local-steps": 2, "lr": 5e-3, "seed": 1, "test-subset": 0,
           "set": "batch_size=8; test_fraction=0.25; targets=['query', 'value']", "out": str(tmp / rule),
-          "connect-timeout": 30.0}
+          "connect-timeout": 180.0}  # the wait ends once every node answered; a loaded machine is slow to start them
     if rule in ("flexlora", "flora"):
         rc["set"] += "; client_ranks=[4, 2, 3]"
     rc.update(kw)
