@@ -6,7 +6,8 @@ import importlib
 import sys
 from pathlib import Path
 
-MODULES = ("figures.theory", "figures.mnist", "figures.bench", "figures.llm", "figures.dp", "figures.averaging")
+MODULES = ("figures.theory", "figures.mnist", "figures.bench", "figures.llm", "figures.dp", "figures.averaging",
+           "figures.regimes")
 
 
 def main(argv=None) -> int:
