@@ -123,7 +123,7 @@ def regimes_markdown(by_regime: dict[str, dict]) -> str:
                 diff_rows.append(((part, f"{a} − {b}", col), drop_rows_a, drop_rows_b))
     lines = ["Drop in final test accuracy from 3 to 50 clients across regimes, D_s = acc_s(3) − acc_s(50) "
              "paired by seed (positive = accuracy lost with more clients); mean [95% t-interval] (n seeds). "
-             "The paper column is Table 2 of RoLoRA (RoBERTa-Large, rank 2, 20 local steps, IID), the mean "
+             "The paper column is Table 2 of RoLoRA (RoBERTa-Large, rank 2, 20 local steps, disjoint shards; shown in the IID rows), the mean "
              "drop over its five tasks, one run per cell. Columns: " + "; ".join(
                  f"{c} = `{t[1]}` ({t[0]}, rank {t[3]})" for c, t in REGIMES.items()) + ".", ""]
     body = _table("Drop 3 → 50 per rule (H0: no drop)", ["rule"], drop_rows, paper=paper_drop)
