@@ -519,6 +519,26 @@ def _grid_fields(sweep: Sweep) -> dict:
     return {"lr_grid": sorted(sweep.lr_grid), "lr_factor": sweep.lr_factor, "lr_bounds": list(sweep.lr_bounds)}
 
 
+def write_tuning(sweep: Sweep, out: Path, table: dict) -> Path:
+    """Write the sweep's ``tuning.json``: the lr chosen per tuning key, with its table. A run restricted
+    by ``--methods`` adds its keys to the file's: the other rules' entries stay, when the file was written
+    by the same tuning (same cell and tuning seeds); a file from another tuning is replaced whole."""
+    path = Path(out) / "llm_scale" / sweep.name / "tuning.json"
+    head = {"sweep": sweep.name, "tuned_at": {"clients": sweep.tune_cell[0], "partition": sweep.tune_cell[1]},
+            **_seed_fields(sweep)}
+    kept = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if isinstance(old, dict) and {k: old.get(k) for k in head} == head and isinstance(old.get("chosen"), dict):
+            kept = old["chosen"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**head, "chosen": {**kept, **table}})
+    return path
+
+
 def eval_runs(sweep: Sweep, out: Path, chosen: dict, methods: Optional[Iterable[str]] = None,
               seeds: Optional[Iterable[int]] = None) -> list[dict]:
     jobs = []
@@ -567,11 +587,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int = 1, methods: Optional[Itera
     try:
         bar = tqdm(total=0, desc=f"sweep {sweep.name}", disable=not progress)
         chosen = _tune(sweep, out, pool, keys, bar, code)
-        table = {_key_label(sweep, k): {"lr": lr, "val_accuracy": t} for k, (lr, t) in chosen.items()}
-        atomic_write_json(Path(out) / "llm_scale" / sweep.name / "tuning.json",
-                          {"sweep": sweep.name, "tuned_at": {"clients": sweep.tune_cell[0],
-                                                             "partition": sweep.tune_cell[1]},
-                           **_seed_fields(sweep), "chosen": table})
+        write_tuning(sweep, out, {_key_label(sweep, k): {"lr": lr, "val_accuracy": t} for k, (lr, t) in chosen.items()})
         ejobs = eval_runs(sweep, out, chosen, methods, seeds)
         bar.total += len(ejobs)
         bar.refresh()

@@ -245,3 +245,33 @@ def test_a_privacy_axis_gets_its_own_folders_tuning_and_records(table, tmp_path,
     assert "60 eval runs" in out and "rolora       iid   3 clients r8   ε=1: 50 rounds × 2 steps" in out
     assert "flexlora       iid   3 clients r8   ε=8" in out  # fedex and flexlora joined the preset
     assert "fedavg       iid   3 clients r8 no DP" in out
+
+
+def test_a_methods_restricted_sweep_adds_to_tuning_json_and_loses_no_rule(table, tmp_path, monkeypatch):
+    """``--methods rolora`` after ``--methods fedavg``: tuning.json keeps fedavg's entry and adds
+    rolora's (it used to be overwritten by the last run's rules). A file from another tuning (other
+    tuning seeds) is replaced whole, not mixed. Training is replaced by a table of scores."""
+    import llm_scale.sweep as sweep_mod
+
+    vals = {("fedavg", 2e-3): 0.7, ("fedavg", 8e-3): 0.6, ("rolora", 2e-3): 0.5, ("rolora", 8e-3): 0.8}
+
+    def fake(job):
+        cfg = job["config"]
+        return {"path": job["path"], "val": vals[(cfg["method"], cfg["lr"])], "test": 0.5, "diverged": False,
+                "wall": 0.0}
+
+    monkeypatch.setattr(sweep_mod, "_work", fake)
+    sw = dataclasses.replace(_tiny_two_seed_sweep(table, "tinymerge"), methods=("fedavg", "rolora"))
+    path = tmp_path / "llm_scale" / "tinymerge" / "tuning.json"
+    run_sweep(sw, out=tmp_path, methods=["fedavg"], progress=False)
+    assert {k: v["lr"] for k, v in json.loads(path.read_text())["chosen"].items()} == {"fedavg r2": 2e-3}
+    run_sweep(sw, out=tmp_path, methods=["rolora"], progress=False)
+    tuning = json.loads(path.read_text())
+    assert {k: v["lr"] for k, v in tuning["chosen"].items()} == {"fedavg r2": 2e-3, "rolora r2": 8e-3}
+    assert tuning["tune_seeds"] == [100, 101] and tuning["tuned_at"] == {"clients": 2, "partition": "iid"}
+    other = dataclasses.replace(sw, tune_seeds=(7, 8))
+    sweep_mod.write_tuning(other, tmp_path, {"rolora r2": {"lr": 8e-3, "val_accuracy": {}}})
+    assert set(json.loads(path.read_text())["chosen"]) == {"rolora r2"}
+    path.write_text("{not json")  # a torn file from an old crash: replaced, not an error
+    sweep_mod.write_tuning(sw, tmp_path, {"fedavg r2": {"lr": 2e-3, "val_accuracy": {}}})
+    assert set(json.loads(path.read_text())["chosen"]) == {"fedavg r2"}
