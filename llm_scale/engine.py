@@ -48,6 +48,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+
+def tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """The bytes of an optimizer's state: every tensor it keeps per parameter (Adam's two moments and step;
+    GaLore's projected moments and the projector's basis, a tensor on an object in the state)."""
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                total += tensor_bytes(value)
+            elif hasattr(value, "__dict__"):  # GaLoreProjector: its ortho_matrix
+                total += sum(tensor_bytes(v) for v in vars(value).values() if isinstance(v, Tensor))
+    return total
+
 class Federation:
     """Everything a run needs, built once: data, tokens, partition, model, bridge, cache."""
 
@@ -81,6 +98,7 @@ class Federation:
         self.lengths = self.encoded["train"].lengths() if cfg.length_grouped else None
         self.parts = self._partition()
         self._plan_dp()
+        self._reset_memory()
         self.local_heads: dict[int, dict[str, Tensor]] = {}
         self.cache: Optional[FrozenLayerCache] = None
         if cfg.cache_frozen_layers and cache_eligible(kind=cfg.kind, layers=cfg.layers, family=self.spec.family):
@@ -115,9 +133,15 @@ class Federation:
         self.partition_summary = {}
         self.parts = self._partition()
         self._plan_dp()
+        self._reset_memory()
         self.local_heads = {}
         self._schedule = None
         return self
+
+    def _reset_memory(self) -> None:
+        """The largest optimizer state and trainable set one client held in this run, in this process
+        (bytes): what a rule costs in memory beside the weights (GaLore's claim is about the first)."""
+        self.optimizer_memory = {"optimizer_state_bytes": 0, "trainable_bytes": 0}
 
     # ---- data ------------------------------------------------------------------------------------
     def _encode(self, ds) -> Encoded:
@@ -321,7 +345,8 @@ class Federation:
         private = self.dp_plans is not None
         self.model.train()
         losses = []
-        with self._private(self._optimizer(params, task), task) as opt:
+        base_opt = self._optimizer(params, task)
+        with self._private(base_opt, task) as opt:
             for batch_rows in self._batches(task, rows):
                 if private:
                     self.dp_steps[task.client] += 1
@@ -335,6 +360,9 @@ class Federation:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
+        mem = self.optimizer_memory
+        mem["optimizer_state_bytes"] = max(mem["optimizer_state_bytes"], optimizer_state_bytes(base_opt))
+        mem["trainable_bytes"] = max(mem["trainable_bytes"], sum(tensor_bytes(p) for p in params))
         for p in params:
             p.requires_grad_(False)
         out = self.bridge.read(task.trains, task.start)

@@ -221,6 +221,8 @@ def run(cfg: LLMConfig, *, out: Optional[Path] = None, checkpoint_dir: Optional[
         "dp_epsilon": cfg.dp_epsilon, "dp": dp_record(cfg, fed, hist),
         "frozen_layer_cache": fed.cache is not None,
         "cache_mib": fed.cache.nbytes() / 2**20 if fed.cache is not None else 0.0,
+        # the largest one client held in this process (0: no round trained here); GaLore's claim is memory
+        **{k: v or None for k, v in fed.optimizer_memory.items()},
         "peak_rss_mib": peak_rss_mib(), "setup_seconds": setup_s, "train_seconds": train_s,
         "wall_seconds": time.perf_counter() - t0, "exported_adapter": exported,
         "checkpoint_dir": relative_source(checkpoint_dir) if checkpoint_dir is not None else None,

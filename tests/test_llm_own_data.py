@@ -219,6 +219,8 @@ def test_steps_a_minute_count_only_the_rounds_this_process_ran(tmp_path):
     done = run(cfg, checkpoint_dir=ck, resume=True, progress=False)  # a finished checkpoint: nothing ran here
     assert done["client_steps_per_minute"] is None and done["client_steps_this_process"] == 0
     assert rest["client_steps_this_process"] == 12 and done["final_test_accuracy"] == rest["final_test_accuracy"]
+    assert first["optimizer_state_bytes"] == rest["optimizer_state_bytes"] > first["trainable_bytes"] > 0
+    assert done["optimizer_state_bytes"] is None  # measured where a client trained, in this process
 
 
 def test_export_refuses_an_unfinished_run_and_a_record_without_checkpoints(tmp_path):

@@ -4,6 +4,7 @@ reference (the transposed-residual trap), export/reload in peft, the frozen-laye
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -231,6 +232,36 @@ def test_full_galore_really_projects_its_gradients(table):
     import galore_torch
 
     assert isinstance(opt, galore_torch.GaLoreAdamW)
+
+
+def test_the_optimizer_state_a_rule_costs_is_measured_galore_projector_included(table):
+    """AdamW keeps two moments and a step per trained tensor; GaLore keeps its moments in the projected
+    space plus the projector's basis: less than AdamW's on the same weights, more than its moments alone."""
+    from fedlora.loop import ClientTask
+    from llm_scale.engine import optimizer_state_bytes, tensor_bytes
+
+    fed = Federation(_cfg(table, "tiny-roberta", "fedavg"))
+    state = fed.init_state()
+    assert fed.optimizer_memory == {"optimizer_state_bytes": 0, "trainable_bytes": 0}
+    fed.local_train(ClientTask(client=0, round=0, start=state, trains="AB", seed=1))
+    params = fed.bridge.load(state, trains="AB")
+    trained = sum(tensor_bytes(p) for p in params)
+    assert fed.optimizer_memory == {"optimizer_state_bytes": 2 * trained + 4 * len(params), "trainable_bytes": trained}
+    fed.reconfigure(dataclasses.replace(fed.cfg, lr=1e-3))  # a new run on the same Federation starts at 0
+    assert fed.optimizer_memory["optimizer_state_bytes"] == 0
+
+    fed = Federation(_cfg(table, "tiny-llama", "full-galore", galore_rank=4, galore_update_proj_gap=1))
+    state = fed.init_state()
+    params = fed.bridge.load(state, trains="W")
+    opt = fed._optimizer(params, ClientTask(client=0, round=0, start=state, trains="W", seed=1,
+                                            local_optimizer="galore"))
+    fed.loss("train", fed.parts[0][:4]).backward()
+    opt.step()
+    targeted = [fed._base_weight(n) for n in fed.bridge.names]
+    others = [p for p in params if all(p is not q for q in targeted)]  # the head: plain AdamW state
+    tensors = lambda p: sum(tensor_bytes(v) for v in opt.state[p].values() if isinstance(v, torch.Tensor))  # noqa: E731
+    galore = optimizer_state_bytes(opt) - sum(tensors(p) for p in others)
+    assert sum(tensors(p) for p in targeted) < galore < 2 * sum(tensor_bytes(p) for p in targeted)
 
 
 def test_causal_lm_scores_label_words_and_trains(table):
