@@ -18,6 +18,7 @@ from torch import Tensor
 from fedlora import GlobalMatrix, init_lora
 from fedlora.config import ConfigError
 from fedlora.dp import DPPlan, plan as dp_plan, poisson_batches
+from fedlora.factors import nbytes
 from fedlora.loop import ClientResult, ClientTask
 from fedlora.partition import make_partition
 from fedlora.seeding import derive_seed, generator
@@ -48,11 +49,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
-def tensor_bytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """The bytes of an optimizer's state: every tensor it keeps per parameter (Adam's two moments and step;
     GaLore's projected moments and the projector's basis, a tensor on an object in the state)."""
@@ -60,10 +56,11 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     for state in opt.state.values():
         for value in state.values():
             if isinstance(value, Tensor):
-                total += tensor_bytes(value)
+                total += nbytes(value)
             elif hasattr(value, "__dict__"):  # GaLoreProjector: its ortho_matrix
-                total += sum(tensor_bytes(v) for v in vars(value).values() if isinstance(v, Tensor))
+                total += sum(nbytes(v) for v in vars(value).values() if isinstance(v, Tensor))
     return total
+
 
 class Federation:
     """Everything a run needs, built once: data, tokens, partition, model, bridge, cache."""
@@ -362,7 +359,7 @@ class Federation:
                 losses.append(float(loss.detach()))
         mem = self.optimizer_memory
         mem["optimizer_state_bytes"] = max(mem["optimizer_state_bytes"], optimizer_state_bytes(base_opt))
-        mem["trainable_bytes"] = max(mem["trainable_bytes"], sum(tensor_bytes(p) for p in params))
+        mem["trainable_bytes"] = max(mem["trainable_bytes"], sum(nbytes(p) for p in params))
         for p in params:
             p.requires_grad_(False)
         out = self.bridge.read(task.trains, task.start)

@@ -238,7 +238,8 @@ def test_the_optimizer_state_a_rule_costs_is_measured_galore_projector_included(
     """AdamW keeps two moments and a step per trained tensor; GaLore keeps its moments in the projected
     space plus the projector's basis: less than AdamW's on the same weights, more than its moments alone."""
     from fedlora.loop import ClientTask
-    from llm_scale.engine import optimizer_state_bytes, tensor_bytes
+    from fedlora.factors import nbytes as tensor_bytes
+    from llm_scale.engine import optimizer_state_bytes
 
     fed = Federation(_cfg(table, "tiny-roberta", "fedavg"))
     state = fed.init_state()
